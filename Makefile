@@ -1,0 +1,43 @@
+# VMThunder build, test, bench and demo entry points.
+GO        ?= go
+PYTHON    ?= python3
+GOFLAGS   ?=
+FUZZTIME  ?= 10s
+BIN       := bin/vmthunder
+
+.PHONY: all build test test-go test-fuzz test-python lint bench demo clean
+
+all: build
+
+build: $(BIN)
+
+$(BIN): FORCE
+	$(GO) build $(GOFLAGS) -o $(BIN) ./sidecar/cmd/vmthunder
+
+FORCE:
+
+lint:
+	@test -z "$$(gofmt -l sidecar tests)" || { echo "gofmt needed:"; gofmt -l sidecar tests; exit 1; }
+	$(GO) vet ./...
+	$(PYTHON) -m ruff check cinder-connector nova-plugin tests
+
+# Every test: Go unit and end-to-end tests, short fuzz runs, Python shims.
+test: build lint test-go test-fuzz test-python
+
+test-go: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) $(GO) test $(GOFLAGS) -count=1 -timeout 25m -p 1 ./...
+
+test-fuzz:
+	bash tests/fuzz.sh $(FUZZTIME)
+
+test-python: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/python.sh
+
+bench: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/bench/run.sh
+
+demo: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/demo.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs every system package and tool VMThunder's build, tests, benchmarks
+# and demo need. Idempotent: safe to run again on a machine that has them.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: must run as root (it calls apt-get)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+  build-essential pkg-config git ca-certificates \
+  tgt libiscsi-dev libiscsi-bin \
+  libvirt-dev libvirt-daemon-system libvirt-clients \
+  qemu-system-x86 qemu-utils qemu-block-extra \
+  nbdkit libnbd-bin fio \
+  busybox-static linux-image-amd64 e2fsprogs cpio \
+  iproute2 prometheus procps psmisc util-linux sudo
+
+# libvirt runs QEMU as libvirt-qemu; it has to be able to reach sockets in
+# the group the daemon hands them to.
+getent group libvirt-qemu >/dev/null || true
+
+# Python: the shims are tested against real os-brick and nova from PyPI.
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip install -q -r "$(dirname "$0")/../requirements-test.txt"
+
+echo "install-deps: done"
