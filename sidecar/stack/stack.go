@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
@@ -40,7 +41,8 @@ type Options struct {
 	CowPath   string // copy-on-write store (Mode == ModeCOW)
 
 	// Manager shares base caches between exports (the daemon has one per
-	// node). Nil with CacheDir set: a private manager over CacheDir.
+	// node, with its size budget). Nil with CacheDir set: one manager per
+	// directory per process, without a budget.
 	Manager *cache.Manager
 	// BaseID names the base in the cache (a template volume or image id).
 	// Empty: derived from Origin.URL.
@@ -126,7 +128,7 @@ func Build(o Options) (blockdev.Device, error) {
 		m := o.Manager
 		if m == nil {
 			var err error
-			if m, err = cache.NewManager(o.CacheDir, 0); err != nil {
+			if m, err = dirManager(o.CacheDir); err != nil {
 				return nil, err
 			}
 		}
@@ -168,6 +170,31 @@ func Build(o Options) (blockdev.Device, error) {
 		e.Device = w
 	}
 	return e, nil
+}
+
+// dirManagers are the managers Build makes for a bare CacheDir, one per
+// directory, so exports of one base in one process share it (a second
+// manager would find the cache locked as if by another process).
+var (
+	dirMu       sync.Mutex
+	dirManagers = map[string]*cache.Manager{}
+)
+
+func dirManager(dir string) (*cache.Manager, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("cache directory %s: %w", dir, err)
+	}
+	dirMu.Lock()
+	defer dirMu.Unlock()
+	if m := dirManagers[abs]; m != nil {
+		return m, nil
+	}
+	m, err := cache.NewManager(abs, 0)
+	if err == nil {
+		dirManagers[abs] = m
+	}
+	return m, err
 }
 
 // DeriveBaseID names a base after its origin when no id is given: a

@@ -379,3 +379,24 @@ func TestDeriveBaseID(t *testing.T) {
 		t.Fatalf("credentials in base id %q", c)
 	}
 }
+
+// Two exports of one base by CacheDir alone share the cache in-process.
+func TestCacheDirShared(t *testing.T) {
+	dir := t.TempDir()
+	data := make([]byte, 1<<20)
+	o := Options{Origin: origin.Spec{URL: "mem"}, CacheDir: dir, BaseID: "b",
+		OpenOrigin: func(s origin.Spec) (blockdev.Device, error) { return memdev.FromBytes(data, s.ReadOnly), nil }}
+	a, err := Build(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Build(o)
+	if err != nil {
+		t.Fatalf("second export of one base by CacheDir: %v", err)
+	}
+	defer b.Close()
+	if a.(*Export).Cache().Base != b.(*Export).Cache().Base {
+		t.Fatal("not shared")
+	}
+}

@@ -38,7 +38,7 @@ type Stats struct {
 	Hits            uint64 // read requests served wholly from the cache file
 	Misses          uint64 // read requests that needed at least one fill
 	Fills           uint64 // chunks fetched from the source
-	BytesFromCache  uint64 // guest-read bytes of chunks already present
+	BytesFromCache  uint64 // guest-read bytes served from the cache file
 	BytesFromSource uint64 // bytes fetched from the source (fills, prefetch, warm)
 	WriteThrough    uint64 // bytes written through to the source
 	Invalidations   uint64 // chunks dropped because the source changed under them

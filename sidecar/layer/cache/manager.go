@@ -25,12 +25,13 @@ var ErrInUse = errors.New("base cache is in use")
 // base in use is never evicted (so the budget can be exceeded by bases in
 // use).
 type Manager struct {
-	dir      string
-	budget   int64
-	mu       sync.Mutex
-	open     map[string]*entry
-	approx   atomic.Int64 // bytes cached, refreshed by each eviction pass
-	evicting atomic.Bool
+	dir       string
+	budget    int64
+	mu        sync.Mutex
+	open      map[string]*entry
+	approx    atomic.Int64 // bytes cached, refreshed by each eviction pass
+	evicting  atomic.Bool
+	lastEvict atomic.Int64 // unix ns of the last pass started by a fill
 }
 
 type entry struct {
@@ -174,8 +175,14 @@ func (m *Manager) release(id string) error {
 	return err
 }
 
+// filled accounts a fill; past the budget it starts an eviction pass, at
+// most one a second (bases in use may keep the total above the budget).
 func (m *Manager) filled(n int64) {
-	if m.approx.Add(n) > m.budget && m.budget > 0 && !m.evicting.Load() {
+	if m.approx.Add(n) <= m.budget || m.budget <= 0 || m.evicting.Load() {
+		return
+	}
+	now := time.Now().UnixNano()
+	if last := m.lastEvict.Load(); now-last > int64(time.Second) && m.lastEvict.CompareAndSwap(last, now) {
 		go m.Evict()
 	}
 }
@@ -215,8 +222,12 @@ func (m *Manager) List() ([]Info, error) {
 		if e := m.open[de.Name()]; e != nil {
 			inf.Refs = e.refs
 			inf.LastUsed = time.Now()
-			if e.base != nil {
-				inf.ChunksCached = e.base.bits.Count()
+			select {
+			case <-e.ready:
+				if e.base != nil {
+					inf.ChunksCached = e.base.bits.Count()
+				}
+			default: // still opening
 			}
 		}
 		out = append(out, inf)

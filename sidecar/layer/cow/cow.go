@@ -199,7 +199,7 @@ func (d *Dev) lockRange(off, n int64) (set [stripes / 64]uint64) {
 	}
 	for s := 0; s < stripes; s++ {
 		if set[s/64]&(1<<(s%64)) != 0 {
-			// d.locks[s].Lock()
+			d.locks[s].Lock()
 		}
 	}
 	return set
@@ -208,7 +208,7 @@ func (d *Dev) lockRange(off, n int64) (set [stripes / 64]uint64) {
 func (d *Dev) unlock(set [stripes / 64]uint64) {
 	for s := 0; s < stripes; s++ {
 		if set[s/64]&(1<<(s%64)) != 0 {
-			// d.locks[s].Unlock()
+			d.locks[s].Unlock()
 		}
 	}
 }
