@@ -4,12 +4,12 @@
 package origin
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/origin/file"
+	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
 )
 
 // Spec names an origin. Exactly one of URL or ConnectionInfo is set.
@@ -22,8 +22,9 @@ type Spec struct {
 	ReadOnly bool
 }
 
-// ErrBadSpec is wrapped by every error about the spec itself (not the target).
-var ErrBadSpec = errors.New("bad origin")
+// ErrBadSpec is wrapped by every error about the spec itself (not the
+// target). It is the iscsi package's value, so both name one error.
+var ErrBadSpec = iscsi.ErrBadSpec
 
 // Open opens the origin named by spec.
 func Open(spec Spec) (blockdev.Device, error) {
@@ -43,12 +44,31 @@ func Open(spec Spec) (blockdev.Device, error) {
 	}
 }
 
-// Replaced by the iscsi origin (origin/iscsi) when it lands.
+// The iscsi origin; variables so tests can stand in for a target.
 var (
 	openISCSIURL = func(u string, ro bool) (blockdev.Device, error) {
-		return nil, fmt.Errorf("%w: iscsi origins are not built yet", ErrBadSpec)
+		d, err := iscsi.OpenURL(u, ro)
+		if err != nil {
+			return nil, err
+		}
+		return d, nil
 	}
 	openISCSIInfo = func(ci map[string]any, ro bool) (blockdev.Device, error) {
-		return nil, fmt.Errorf("%w: iscsi origins are not built yet", ErrBadSpec)
+		d, err := iscsi.OpenConnectionInfo(ci, ro)
+		if err != nil {
+			return nil, err
+		}
+		return d, nil
 	}
 )
+
+// String returns the origin for logs and the API, without a password.
+func (s Spec) String() string {
+	if s.ConnectionInfo != nil {
+		if is, err := iscsi.ParseConnectionInfo(s.ConnectionInfo); err == nil {
+			return is.String()
+		}
+		return "iscsi connection_info (unparsable)"
+	}
+	return iscsi.Redact(s.URL)
+}

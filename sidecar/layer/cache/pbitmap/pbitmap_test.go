@@ -1,6 +1,7 @@
 package pbitmap
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
@@ -120,4 +121,31 @@ func TestDataSyncedBeforeBits(t *testing.T) {
 	if early || raw[HeaderSize] != 1 {
 		t.Fatalf("bit on disk before data sync: %v, after sync: %#x", early, raw[HeaderSize])
 	}
+}
+
+// A bitmap file of any content opens with an error or a consistent bitmap,
+// never a panic or a huge allocation.
+func FuzzOpen(f *testing.F) {
+	good := encodeHeader(Header{Kind: "cache", Size: 1 << 20, UnitSize: 4096})
+	f.Add(append(good, make([]byte, 32)...))
+	f.Add(append(good, bytes.Repeat([]byte{0xff}, 32)...))
+	f.Add(good[:40])
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		p := filepath.Join(t.TempDir(), "bm")
+		os.WriteFile(p, raw, 0o600)
+		b, err := Open(p, func() error { return nil })
+		if err != nil {
+			return
+		}
+		defer b.Close()
+		var n int64
+		for i := int64(0); i < b.Len(); i++ {
+			if b.Get(i) {
+				n++
+			}
+		}
+		if n != b.Count() {
+			t.Fatalf("count %d, bits set %d", b.Count(), n)
+		}
+	})
 }
