@@ -29,6 +29,10 @@ import (
 // with CRASH_SERVER=nbdserve).
 var serverCmd []string
 
+// hasChunkFlag: the server takes --chunk-size (small chunks make more
+// chunks in flight at each kill); without it the default is used.
+var hasChunkFlag = true
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "vmthunder-crash-bin-")
 	if err != nil {
@@ -47,6 +51,7 @@ func TestMain(m *testing.M) {
 		out, _ := exec.Command(bin, "export", "-h").CombinedOutput()
 		if os.Getenv("CRASH_SERVER") != "nbdserve" && !strings.Contains(string(out), "unknown command") {
 			serverCmd = []string{bin, "export"}
+			hasChunkFlag = strings.Contains(string(out), "chunk-size")
 		} else {
 			fmt.Fprintln(os.Stderr, "crash: serving with the nbdserve stand-in, not vmthunder export")
 			stand := filepath.Join(dir, "nbdserve")
@@ -81,6 +86,14 @@ func serve(t *testing.T, args ...string) *server {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	s := &server{sock: sock, log: new(bytes.Buffer)}
+	if !hasChunkFlag {
+		for i, a := range args {
+			if a == "--chunk-size" {
+				args = append(args[:i:i], args[i+2:]...)
+				break
+			}
+		}
+	}
 	full := append(append(serverCmd[1:len(serverCmd):len(serverCmd)], "--socket", sock), args...)
 	s.cmd = exec.Command(serverCmd[0], full...)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log

@@ -2,9 +2,9 @@
 // in user space with libiscsi (the initiator QEMU uses), so no kernel iSCSI
 // session exists and a storage fault cannot wedge the host kernel.
 //
-// A Dev keeps several sessions (Spec.Sessions), each a libiscsi context
-// driven asynchronously by its own goroutine, and spreads commands over
-// them by load. When a session drops, its commands are retried on the
+// A Dev keeps one or more sessions (Spec.Sessions), each a libiscsi
+// context driven asynchronously by its own goroutine with many commands in
+// flight, and spreads commands over them by load. When a session drops, its commands are retried on the
 // others while it logs in again, trying the next portal first; the reader
 // sees an error only when no portal answers for Spec.RetryTimeout.
 package iscsi
@@ -79,7 +79,7 @@ func Open(s Spec) (*Dev, error) {
 		s.RetryTimeout = 60 * time.Second
 	}
 	if s.Sessions <= 0 {
-		s.Sessions = 4
+		s.Sessions = 1
 	}
 	d := &Dev{spec: s, blockSize: 512, upCh: make(chan struct{})}
 	for i := 0; i < s.Sessions; i++ {

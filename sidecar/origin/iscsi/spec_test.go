@@ -1,0 +1,88 @@
+package iscsi
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestParseURL(t *testing.T) {
+	s, err := ParseURL("iscsi://alice%p@ss/w%rd@10.0.0.5:3261/iqn.2010-10.org.openstack%3Avolume-1/2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.User != "alice" || s.Password != "p@ss/w%rd" {
+		t.Fatalf("credentials %q %q", s.User, s.Password)
+	}
+	want := Portal{Addr: "10.0.0.5:3261", IQN: "iqn.2010-10.org.openstack:volume-1", LUN: 2}
+	if len(s.Portals) != 1 || s.Portals[0] != want {
+		t.Fatalf("portals %+v", s.Portals)
+	}
+	if str := s.String(); strings.Contains(str, "p@ss") || !strings.Contains(str, "alice%***@10.0.0.5:3261") {
+		t.Fatalf("String leaks or mangles: %s", str)
+	}
+	s, err = ParseURL("iscsi://[fd00::1]/iqn.x/0")
+	if err != nil || s.Portals[0].Addr != "[fd00::1]:3260" || s.User != "" {
+		t.Fatalf("v6 default port: %+v %v", s, err)
+	}
+	for _, bad := range []string{
+		"iscsi://host/iqn", "iscsi://host/iqn/x", "iscsi:///iqn/1", "http://h/iqn/1",
+		"iscsi://user@host/iqn/1", "iscsi://h:99999/iqn/1", "iscsi://h/iqn/-1",
+	} {
+		if _, err := ParseURL(bad); !errors.Is(err, ErrBadSpec) {
+			t.Errorf("%s: want ErrBadSpec, got %v", bad, err)
+		}
+	}
+	if _, err := ParseURL("iscsi://u%secret@h/iqn/x"); err == nil || strings.Contains(err.Error(), "secret") {
+		t.Fatalf("error leaks the password: %v", err)
+	}
+	if r := Redact("iscsi://u%secret@h/iqn/1"); r != "iscsi://u%***@h/iqn/1" {
+		t.Fatalf("redact: %s", r)
+	}
+}
+
+func TestParseConnectionInfo(t *testing.T) {
+	// Single path, LUN as a JSON number, CHAP.
+	s, err := ParseConnectionInfo(map[string]any{
+		"target_portal": "192.168.1.10:3260", "target_iqn": "iqn.a:b", "target_lun": float64(1),
+		"auth_method": "CHAP", "auth_username": "u", "auth_password": "pw",
+		"target_discovered": false, "volume_id": "v",
+	})
+	if err != nil || len(s.Portals) != 1 || s.Portals[0] != (Portal{"192.168.1.10:3260", "iqn.a:b", 1}) || s.User != "u" || s.Password != "pw" {
+		t.Fatalf("%+v %v", s, err)
+	}
+	// Multipath lists, LUNs as strings and ints, portal without port.
+	s, err = ParseConnectionInfo(map[string]any{
+		"target_portals": []any{"10.0.0.1:3260", "10.0.0.2"},
+		"target_iqns":    []string{"iqn.a:1", "iqn.a:2"},
+		"target_luns":    []any{"3", 4},
+		"target_portal":  "10.0.0.1:3260", "target_iqn": "iqn.a:1", "target_lun": 3,
+	})
+	if err != nil || len(s.Portals) != 2 || s.Portals[1] != (Portal{"10.0.0.2:3260", "iqn.a:2", 4}) || s.Portals[0].LUN != 3 {
+		t.Fatalf("%+v %v", s, err)
+	}
+	for _, bad := range []map[string]any{
+		{},
+		{"target_portal": "h", "target_iqn": "i"},
+		{"target_portal": "h", "target_iqn": "i", "target_lun": 1.5},
+		{"target_portal": "h", "target_iqn": "i", "target_lun": 1, "auth_method": "kerberos"},
+		{"target_portals": "h", "target_iqn": "i", "target_lun": 1},
+	} {
+		if _, err := ParseConnectionInfo(bad); !errors.Is(err, ErrBadSpec) {
+			t.Errorf("%v: want ErrBadSpec, got %v", bad, err)
+		}
+	}
+}
+
+func TestLoginCause(t *testing.T) {
+	for msg, want := range map[string]error{
+		"Failed to log in to target. Status: Authentication failure(513)": ErrAuth,
+		"Failed to log in to target. Status: Target not found(515)":       ErrTargetNotFound,
+		"Failed to log in to target. Status: Out of resources(1026)":      ErrLogin,
+		"something else": ErrLogin,
+	} {
+		if got := loginCause(msg); got != want {
+			t.Errorf("%q: %v, want %v", msg, got, want)
+		}
+	}
+}
