@@ -197,9 +197,10 @@ func startDaemon(dir string, idx int) (*daemon, error) {
 		if err != nil {
 			return nil, err
 		}
-		// The control "port" names a unix socket /run/tgtd/socket.N guarded
-		// by a lock file; a random N keeps us off other engineers' daemons.
-		n, _ := rand.Int(rand.Reader, big.NewInt(40000))
+		// The control "port" (at most 32767) names a unix socket
+		// /run/tgtd/socket.N guarded by a lock file; a random N keeps us
+		// off other engineers' daemons.
+		n, _ := rand.Int(rand.Reader, big.NewInt(12000))
 		control := 20000 + int(n.Int64())
 		if _, err := os.Stat(fmt.Sprintf("/run/tgtd/socket.%d.lock", control)); err == nil {
 			continue
@@ -288,12 +289,16 @@ func (d *daemon) setup(tg *Target, o Options) error {
 func (d *daemon) kill() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if !d.killed && d.cmd.Process != nil {
-		d.killed = true
-		d.cmd.Process.Kill()
+	if d.killed || d.cmd.Process == nil {
+		return
 	}
+	d.killed = true
+	d.cmd.Process.Kill() // tgtd ignores SIGTERM
 	select {
 	case <-d.done:
+		// SIGKILL leaves the control socket and its lock file behind.
+		os.Remove(fmt.Sprintf("/run/tgtd/socket.%d", d.control))
+		os.Remove(fmt.Sprintf("/run/tgtd/socket.%d.lock", d.control))
 	case <-time.After(10 * time.Second):
 	}
 }

@@ -431,7 +431,7 @@ func (d *Dev) closeConns() {
 		}
 	}
 	for _, c := range d.conns {
-		if c.vc != nil && !c.started.Load() {
+		if !c.started.Load() && c.vc != nil {
 			c.destroy(c.vc)
 			c.vc = nil
 		}

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/layer/delay"
+	"github.com/vmthunder/vmthunder/sidecar/nbd"
+	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/stack"
+)
+
+func init() {
+	register("export", "serve one device over NBD in the foreground (like qemu-nbd)", runExport)
+}
+
+func runExport(args []string) error {
+	fs := flag.NewFlagSet("export", flag.ContinueOnError)
+	socket := fs.String("socket", "", "serve on this unix socket")
+	listen := fs.String("listen", "", "serve on this TCP HOST:PORT")
+	name := fs.String("name", "", "export name (default \"\")")
+	readOnly := fs.Bool("readonly", false, "refuse writes")
+	cacheDir := fs.String("cache", "", "copy-on-read base cache directory")
+	chunk := fs.String("chunk-size", "", "cache chunk size (e.g. 256K; default: the cache's or 256K)")
+	cowPath := fs.String("cow", "", "copy-on-write store: writes land here, never on SOURCE")
+	writeThrough := fs.Bool("write-through", false, "writes go to SOURCE before they are acknowledged")
+	delayRead := fs.Duration("delay-read", 0, "test only: sleep this long before each read")
+	delayWrite := fs.Duration("delay-write", 0, "test only: sleep this long before each write")
+	verbose := fs.Bool("v", false, "debug logging")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: vmthunder export [--socket PATH | --listen HOST:PORT] [flags] SOURCE\n\n"+
+			"SOURCE is a file, a block device or iscsi://[user[%%password]@]host[:port]/iqn/lun.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return errors.New("need exactly one SOURCE")
+	}
+	if (*socket == "") == (*listen == "") {
+		return errors.New("give one of --socket or --listen")
+	}
+	mode := stack.ModeDirect
+	switch {
+	case *cowPath != "" && *writeThrough:
+		return errors.New("--cow and --write-through exclude each other")
+	case *cowPath != "" && *readOnly:
+		return errors.New("--cow and --readonly exclude each other")
+	case *cowPath != "":
+		mode = stack.ModeCOW
+	case *writeThrough && *readOnly:
+		return errors.New("--write-through and --readonly exclude each other")
+	case *writeThrough:
+		mode = stack.ModeWriteThrough
+	case *readOnly:
+		mode = stack.ModeReadOnly
+	case *cacheDir != "":
+		return errors.New("--cache needs --cow, --write-through or --readonly (the shared base is never written directly)")
+	}
+	chunkSize, err := parseSize(*chunk)
+	if err != nil {
+		return fmt.Errorf("--chunk-size: %w", err)
+	}
+	log := logrus.New()
+	if *verbose {
+		log.SetLevel(logrus.DebugLevel)
+	}
+
+	dev, err := stack.Build(stack.Options{
+		Origin:    origin.Spec{URL: fs.Arg(0)},
+		Mode:      mode,
+		CacheDir:  *cacheDir,
+		ChunkSize: chunkSize,
+		CowPath:   *cowPath,
+	})
+	if err != nil {
+		return err
+	}
+	var served blockdev.Device = dev
+	if *delayRead > 0 || *delayWrite > 0 {
+		served = delay.New(dev, *delayRead, *delayWrite)
+	}
+
+	srv := nbd.NewServer(log)
+	if err := srv.Add(*name, served); err != nil {
+		dev.Close()
+		return err
+	}
+	var l net.Listener
+	where := ""
+	if *socket != "" {
+		os.Remove(*socket)
+		l, err = net.Listen("unix", *socket)
+		if err == nil {
+			// QEMU runs as another user (libvirt-qemu) in the same group.
+			err = os.Chmod(*socket, 0o660)
+		}
+		where = "unix:" + *socket
+	} else {
+		l, err = net.Listen("tcp", *listen)
+		if err == nil {
+			where = "tcp:" + l.Addr().String()
+		}
+	}
+	if err != nil {
+		dev.Close()
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "vmthunder export: serving %q (%d bytes) on %s\n", *name, dev.Size(), where)
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	select {
+	case s := <-sig:
+		log.Infof("export: %v, shutting down", s)
+	case err = <-done:
+	}
+	l.Close()
+	srv.Close()
+	if ferr := dev.Flush(); ferr != nil && err == nil && mode != stack.ModeReadOnly {
+		err = fmt.Errorf("final flush: %w", ferr)
+	}
+	if cerr := dev.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	if *socket != "" {
+		os.Remove(*socket)
+	}
+	return err
+}
