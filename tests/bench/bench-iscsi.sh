@@ -63,16 +63,16 @@ Q_CP=$(awk -v b="$BYTES" -v a="$t1" -v z="$t2" 'BEGIN { printf "%.1f", b / (z - 
 row "copy whole LUN origin vs qemu-img (MiB/s)" "$O_CP" "$Q_CP"
 
 # Through the NBD export, when `vmthunder export` exists (another issue).
-if [ -n "${VMTHUNDER_BIN:-}" ] && "$VMTHUNDER_BIN" export --help >/dev/null 2>&1; then
+if [ -n "${VMTHUNDER_BIN:-}" ] && { "$VMTHUNDER_BIN" export --help 2>&1 || true; } | grep -q -- --socket; then
   SOCK="$WORK/nbd.sock"
   "$VMTHUNDER_BIN" export --socket "$SOCK" "$URL" >"$WORK/export.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
   if [ -S "$SOCK" ]; then
     fiojob() { # rw bs -> MiB/s
-      fio --name=x --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$1" --bs="$2" \
+      fio --name=x --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --size="$BYTES" --rw="$1" --bs="$2" \
         --iodepth=32 --time_based --runtime="$T" --output-format=json 2>/dev/null |
-        python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.1f" % (j["jobs"][0]["read"]["bw"]/1024))'
+        python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):]); print("%.1f" % (j["jobs"][0]["read"]["bw"]/1024))'
     }
     E_SEQ=$(fiojob read 1M)
     E_RND=$(fiojob randread 4k)

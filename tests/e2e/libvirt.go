@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -141,6 +142,11 @@ func UniqueName(prefix string) string {
 	return fmt.Sprintf("%s-%d-%s", prefix, os.Getpid(), hex.EncodeToString(b))
 }
 
+// ReconnectDelay is the NBD disks' reconnect delay in seconds: QEMU holds
+// a guest's requests this long after losing the sidecar, then fails them.
+// It must cover a sidecar restart (stop, start, iSCSI login).
+var ReconnectDelay = 10
+
 // Disk is where a guest's root disk comes from. Exactly one kind is set.
 type Disk struct {
 	// NBD export on a unix socket (the sidecar).
@@ -154,6 +160,11 @@ type Disk struct {
 	ISCSIOverlay string
 	// File is a local raw file QEMU reads directly.
 	File string
+	// Reconnect passes the NBD disk to QEMU on its command line with
+	// reconnect-delay: libvirt 9.0 (Debian 12) accepts <reconnect delay>
+	// on an NBD source but does not hand it to QEMU, and without it QEMU
+	// fails every request once the sidecar's socket closes.
+	Reconnect bool
 }
 
 // VM describes one boot.
@@ -185,14 +196,21 @@ func (vm *VM) xml() (string, error) {
 		Device: "disk",
 		Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 	}
+	var qemuArgs []string
 	switch d := vm.Disk; {
+	case d.NBDSocket != "" && d.Reconnect:
+		nbd, _ := json.Marshal(map[string]any{"driver": "nbd", "node-name": "vmt-nbd", "export": d.NBDExport,
+			"server": map[string]string{"type": "unix", "path": d.NBDSocket}, "reconnect-delay": ReconnectDelay})
+		qemuArgs = []string{"-blockdev", string(nbd),
+			"-blockdev", `{"driver":"raw","node-name":"vmt-root","file":"vmt-nbd"}`,
+			"-device", `{"driver":"virtio-blk-pci","drive":"vmt-root","id":"vmt-vda"}`}
 	case d.NBDSocket != "":
 		disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "raw"}
 		disk.Source = &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{
 			Protocol: "nbd", Name: d.NBDExport,
 			Hosts: []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: d.NBDSocket}},
 			// A restarted sidecar is reconnected to instead of failing the guest's I/O.
-			Reconnect: &libvirtxml.DomainDiskSourceNetworkReconnect{Delay: "1"},
+			Reconnect: &libvirtxml.DomainDiskSourceNetworkReconnect{Delay: strconv.Itoa(ReconnectDelay)},
 		}}
 	case d.ISCSIOverlay != "":
 		disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu", Type: "qcow2"}
@@ -211,6 +229,10 @@ func (vm *VM) xml() (string, error) {
 	default:
 		return "", errors.New("e2e: VM has no disk")
 	}
+	var disks []libvirtxml.DomainDisk
+	if qemuArgs == nil {
+		disks = append(disks, disk)
+	}
 	dom := &libvirtxml.Domain{
 		Type:   "qemu",
 		Name:   vm.Name,
@@ -222,17 +244,25 @@ func (vm *VM) xml() (string, error) {
 			Initrd:  vm.Image.Initrd,
 			Cmdline: vm.Image.Cmdline(vm.Nonce),
 		},
+		// ACPI, or the guest's poweroff only halts and the domain never stops.
+		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
 		OnPoweroff: "destroy",
 		OnReboot:   "destroy",
 		OnCrash:    "destroy",
 		Devices: &libvirtxml.DomainDeviceList{
 			Emulator: "/usr/bin/qemu-system-x86_64",
-			Disks:    []libvirtxml.DomainDisk{disk},
+			Disks:    disks,
 			Serials: []libvirtxml.DomainSerial{{
 				Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: vm.Console}},
 			}},
 			MemBalloon: &libvirtxml.DomainMemBalloon{Model: "none"},
 		},
+	}
+	if qemuArgs != nil {
+		dom.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
+		for _, a := range qemuArgs {
+			dom.QEMUCommandline.Args = append(dom.QEMUCommandline.Args, libvirtxml.DomainQEMUCommandlineArg{Value: a})
+		}
 	}
 	return dom.Marshal()
 }

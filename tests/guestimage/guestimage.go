@@ -238,8 +238,9 @@ func (img *Image) stage(dir, busybox string, o Options) error {
 // initScript is the guest's /sbin/init (busybox sh, PID 1).
 const initScript = `#!/bin/sh
 export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
+# The initrd may have moved its own mounts here already.
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sys /sys 2>/dev/null
 mount -t devtmpfs dev /dev 2>/dev/null
 . /etc/vmthunder.conf
 nonce=none

@@ -1,0 +1,228 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+
+	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+)
+
+// MaxBody bounds a request body; real ones are well under 4 KiB.
+const MaxBody = 1 << 20
+
+// decodeStrict reads exactly one JSON object into v, refusing unknown
+// fields and trailing data, and maps every failure to a 4xx *Error.
+func decodeStrict(r io.Reader, v any) error {
+	data, err := io.ReadAll(io.LimitReader(r, MaxBody+1))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return Errorf(http.StatusRequestEntityTooLarge, CodeTooLarge, "request body larger than %d bytes", MaxBody)
+		}
+		return BadRequest(CodeBadJSON, "reading request body: %v", err)
+	}
+	if len(data) > MaxBody {
+		return Errorf(http.StatusRequestEntityTooLarge, CodeTooLarge, "request body larger than %d bytes", MaxBody)
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return BadRequest(CodeBadJSON, "empty request body (want a JSON object)")
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return jsonError(err)
+	}
+	if dec.More() {
+		return BadRequest(CodeBadJSON, "malformed JSON: data after the request object")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return BadRequest(CodeBadJSON, "malformed JSON: data after the request object")
+	}
+	return nil
+}
+
+func jsonError(err error) error {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return BadRequest(CodeBadJSON, "malformed JSON at byte %d: %v", se.Offset, err)
+	case errors.As(err, &te):
+		if te.Field == "" {
+			return BadRequest(CodeBadJSON, "malformed request: want a JSON object, got %s", te.Value)
+		}
+		return BadRequest(CodeBadJSON, "field %q: want %s, got %s", te.Field, te.Type, te.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		return BadRequest(CodeBadJSON, "malformed JSON: unexpected end of input")
+	}
+	msg := err.Error()
+	if f, ok := strings.CutPrefix(msg, "json: unknown field "); ok {
+		return BadRequest(CodeUnknownField, "unknown field %s", f)
+	}
+	return BadRequest(CodeBadJSON, "malformed JSON: %s", strings.TrimPrefix(msg, "json: "))
+}
+
+// DecodeCreate reads and validates a POST /v1/exports body. The error is
+// always an *Error naming the cause.
+func DecodeCreate(r io.Reader) (*CreateRequest, error) {
+	var req CreateRequest
+	if err := decodeStrict(r, &req); err != nil {
+		return nil, err
+	}
+	if err := req.Validate(); err != nil {
+		return nil, err
+	}
+	return &req, nil
+}
+
+// DecodeWarm reads a POST /v1/bases/{id}/warm body; an empty body is an
+// empty request.
+func DecodeWarm(r io.Reader) (*WarmRequest, error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxBody+1))
+	if err != nil {
+		return nil, BadRequest(CodeBadJSON, "reading request body: %v", err)
+	}
+	var req WarmRequest
+	if len(bytes.TrimSpace(data)) == 0 {
+		return &req, nil
+	}
+	if err := decodeStrict(bytes.NewReader(data), &req); err != nil {
+		return nil, err
+	}
+	if req.Origin != "" || req.ConnectionInfo != nil {
+		ci, err := validateOrigin(req.Origin, req.ConnectionInfo)
+		if err != nil {
+			return nil, err
+		}
+		req.ConnectionInfo = ci
+	}
+	return &req, nil
+}
+
+// Validate checks a create request and normalises connection_info (a
+// whole Cinder connection_info is unwrapped to its "data").
+func (req *CreateRequest) Validate() error {
+	if req.ID == "" {
+		return BadRequest(CodeMissingField, "missing field \"id\"")
+	}
+	if err := ValidID(req.ID); err != nil {
+		return err
+	}
+	switch req.Mode {
+	case "":
+		return BadRequest(CodeMissingField, "missing field \"mode\" (cow, write-through or readonly)")
+	case ModeCOW, ModeWriteThrough, ModeReadOnly:
+	default:
+		return BadRequest(CodeInvalid, "unknown mode %q (want cow, write-through or readonly)", req.Mode)
+	}
+	ci, err := validateOrigin(req.Origin, req.ConnectionInfo)
+	if err != nil {
+		return err
+	}
+	req.ConnectionInfo = ci
+	if req.Base != "" {
+		if err := ValidBase(req.Base); err != nil {
+			return err
+		}
+	}
+	if req.CowPath != "" {
+		if req.Mode != ModeCOW {
+			return BadRequest(CodeInvalid, "cow_path is only for mode cow (mode is %s)", req.Mode)
+		}
+		if !filepath.IsAbs(req.CowPath) || strings.ContainsRune(req.CowPath, 0) {
+			return BadRequest(CodeInvalid, "cow_path %q is not an absolute path", req.CowPath)
+		}
+		if filepath.Clean(req.CowPath) != req.CowPath || strings.HasSuffix(req.CowPath, "/") {
+			return BadRequest(CodeInvalid, "cow_path %q is not a clean file path", req.CowPath)
+		}
+	}
+	return nil
+}
+
+// ValidID checks an export id: it names the NBD export and the socket file.
+func ValidID(id string) error {
+	if len(id) == 0 || len(id) > 128 || id == "." || id == ".." || !idChars(id) {
+		return BadRequest(CodeInvalid, "invalid id %q (want 1-128 of [A-Za-z0-9._-], not . or ..)", id)
+	}
+	return nil
+}
+
+// ValidBase checks a base id: it names a directory in the cache.
+func ValidBase(id string) error {
+	if len(id) == 0 || len(id) > 200 || id == "." || id == ".." || !idChars(id) {
+		return BadRequest(CodeInvalid, "invalid base %q (want 1-200 of [A-Za-z0-9._-], not . or ..)", id)
+	}
+	return nil
+}
+
+func idChars(s string) bool {
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// validateOrigin checks that exactly one origin is given and that it parses,
+// without connecting to anything. It returns the connection_info "data".
+func validateOrigin(origin string, ci map[string]any) (map[string]any, error) {
+	switch {
+	case origin != "" && ci != nil:
+		return nil, BadRequest(CodeInvalid, "give \"origin\" or \"connection_info\", not both")
+	case origin == "" && ci == nil:
+		return nil, BadRequest(CodeMissingField, "missing field \"origin\" (a path or iscsi:// URL) or \"connection_info\"")
+	case ci != nil:
+		ci, err := unwrapConnectionInfo(ci)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := iscsi.ParseConnectionInfo(ci); err != nil {
+			return nil, BadRequest(CodeBadOrigin, "%v", err)
+		}
+		return ci, nil
+	case strings.HasPrefix(origin, "iscsi://"):
+		if _, err := iscsi.ParseURL(origin); err != nil {
+			return nil, BadRequest(CodeBadOrigin, "%v", err)
+		}
+	case strings.Contains(origin, "://"):
+		return nil, BadRequest(CodeBadOrigin, "origin %q: unsupported URL scheme (want an absolute path or iscsi://)", iscsi.Redact(origin))
+	case !filepath.IsAbs(origin) || strings.ContainsRune(origin, 0):
+		return nil, BadRequest(CodeBadOrigin, "origin %q is not an absolute path or an iscsi:// URL", origin)
+	}
+	return nil, nil
+}
+
+// unwrapConnectionInfo accepts Cinder's whole connection_info
+// ({"driver_volume_type": "iscsi", "data": {...}}) as well as its data.
+func unwrapConnectionInfo(ci map[string]any) (map[string]any, error) {
+	t, ok := ci["driver_volume_type"]
+	if !ok {
+		return ci, nil
+	}
+	if t != "iscsi" {
+		return nil, BadRequest(CodeBadOrigin, "connection_info: driver_volume_type %v is not supported (want iscsi)", t)
+	}
+	data, ok := ci["data"].(map[string]any)
+	if !ok {
+		return nil, BadRequest(CodeBadOrigin, "connection_info: driver_volume_type iscsi without a \"data\" object")
+	}
+	return data, nil
+}
+
+// DescribeOrigin is the origin for answers and logs, without a password.
+func DescribeOrigin(origin string, ci map[string]any) string {
+	if ci != nil {
+		s, err := iscsi.ParseConnectionInfo(ci)
+		if err != nil {
+			return "iscsi connection_info (unparsable)"
+		}
+		return s.String()
+	}
+	return iscsi.Redact(origin)
+}

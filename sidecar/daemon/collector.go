@@ -1,0 +1,118 @@
+package daemon
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// collector reads the daemon's state at each scrape: exports, caches and
+// warm-ups. The request path's own series live in the metrics layer.
+type collector struct{ d *Daemon }
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("vmthunder_"+name, help, labels, nil)
+}
+
+var (
+	dUp           = desc("up", "1 while the daemon answers; build information in the labels.", "version")
+	dExports      = desc("exports", "Exports in the table, by mode and state.", "mode", "state")
+	dSourceBytes  = desc("read_bytes_total", "Bytes read into or through the base cache, by source (cache: guest reads served from the cache file; origin: chunks fetched from the origin).", "base", "source")
+	dCacheReads   = desc("cache_reads_total", "Guest read requests at the base cache, by result (hit: served from the cache file; miss: needed a fill).", "base", "result")
+	dFills        = desc("cache_fills_total", "Chunks fetched from the source into the cache.", "base")
+	dWriteThrough = desc("write_through_bytes_total", "Bytes written through the cache to the origin.", "base")
+	dInval        = desc("cache_invalidations_total", "Cached chunks dropped because the origin changed under them.", "base")
+	dPresent      = desc("cache_present_bytes", "Bytes of the base present in the cache.", "base")
+	dBaseSize     = desc("cache_base_size_bytes", "Size of the base.", "base")
+	dFillRatio    = desc("cache_fill_ratio", "Share of the base present in the cache (0..1).", "base")
+	dDegraded     = desc("cache_degraded", "1 when a sync failed and the cache is bypassed.", "base")
+	dDisk         = desc("cache_disk_bytes", "Disk space used by every base cache in the cache directory.")
+	dBudget       = desc("cache_budget_bytes", "The cache's size budget (0: none).")
+	dBases        = desc("bases", "Base caches in the cache directory, by state (open: used by an export or a warm-up).", "state")
+	dCOW          = desc("cow_bytes", "Bytes of an export held in its copy-on-write store.", "export")
+	dWarmDone     = desc("warm_done_bytes", "Bytes of the base's current or last warm-up done.", "base")
+	dWarmTotal    = desc("warm_total_bytes", "Bytes the base's current or last warm-up copies.", "base")
+	dWarmRunning  = desc("warm_running", "1 while a warm-up of the base runs.", "base")
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
+		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	d := c.d
+	g := func(desc *prometheus.Desc, v float64, lv ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.GaugeValue, v, lv...)
+	}
+	ctr := func(desc *prometheus.Desc, v uint64, lv ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(v), lv...)
+	}
+	g(dUp, 1, Version)
+
+	open := d.openBases()
+	for id, r := range open {
+		s := r.Stats()
+		ctr(dSourceBytes, s.BytesFromCache, id, "cache")
+		ctr(dSourceBytes, s.BytesFromSource, id, "origin")
+		ctr(dCacheReads, s.Hits, id, "hit")
+		ctr(dCacheReads, s.Misses, id, "miss")
+		ctr(dFills, s.Fills, id)
+		ctr(dWriteThrough, s.WriteThrough, id)
+		ctr(dInval, s.Invalidations, id)
+		g(dPresent, float64(s.BytesPresent), id)
+		g(dBaseSize, float64(s.Size), id)
+		ratio := 0.0
+		if s.Size > 0 {
+			ratio = float64(s.BytesPresent) / float64(s.Size)
+		}
+		g(dFillRatio, ratio, id)
+		deg := 0.0
+		if s.Degraded {
+			deg = 1
+		}
+		g(dDegraded, deg, id)
+	}
+	if infos, err := d.mgr.List(); err == nil {
+		var disk int64
+		for _, inf := range infos {
+			disk += inf.BytesOnDisk
+		}
+		g(dDisk, float64(disk))
+		g(dBases, float64(len(open)), "open")
+		g(dBases, float64(max(len(infos)-len(open), 0)), "idle")
+	}
+	g(dBudget, float64(d.cfg.CacheBudget))
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	type ms struct{ mode, state string }
+	counts := map[ms]int{}
+	for _, m := range []string{"cow", "write-through", "readonly"} {
+		for _, s := range []string{stateReady, stateError} {
+			counts[ms{m, s}] = 0 // present at zero, so rate() and alerts see them
+		}
+	}
+	for _, e := range d.exports {
+		if e.state == stateCreating {
+			continue
+		}
+		counts[ms{e.rec.Mode, e.state}]++
+		if e.dev != nil && e.dev.COW() != nil {
+			cs := e.dev.COW().Stats()
+			g(dCOW, float64(cs.ClustersPresent*cs.ClusterSize), e.rec.ID)
+		}
+	}
+	for k, n := range counts {
+		g(dExports, float64(n), k.mode, k.state)
+	}
+	for id, j := range d.warms {
+		g(dWarmDone, float64(j.status.DoneBytes), id)
+		g(dWarmTotal, float64(j.status.TotalBytes), id)
+		run := 0.0
+		if j.status.State == "running" {
+			run = 1
+		}
+		g(dWarmRunning, run, id)
+	}
+}

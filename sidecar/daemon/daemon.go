@@ -1,0 +1,677 @@
+// Package daemon is the sidecar daemon: the table of exports (each a layer
+// stack served on its own NBD unix socket), persisted so a restart
+// re-creates them at the same sockets over the same COW stores and caches;
+// the HTTP/JSON API on a unix socket (package api); base warm-ups; and the
+// Prometheus metrics.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmthunder/vmthunder/sidecar/api"
+	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/config"
+	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
+	"github.com/vmthunder/vmthunder/sidecar/layer/metrics"
+	"github.com/vmthunder/vmthunder/sidecar/nbd"
+	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/stack"
+)
+
+// Version is the daemon's version, set at link time
+// (-ldflags "-X github.com/vmthunder/vmthunder/sidecar/daemon.Version=...").
+var Version = "dev"
+
+// Export states.
+const (
+	stateCreating = "creating"
+	stateReady    = "ready"
+	stateError    = "error"
+)
+
+// export is one entry of the table. Fields other than rec are guarded by
+// Daemon.mu; busy marks an entry a create, delete or refresh is working on.
+type export struct {
+	rec   Record
+	state string
+	err   error
+	busy  bool
+
+	dev *stack.Export
+	top *metrics.Dev
+	srv *nbd.Server
+	ln  net.Listener
+}
+
+// Daemon is one running sidecar.
+type Daemon struct {
+	cfg *config.Config
+	log *logrus.Logger
+	mgr *cache.Manager
+
+	reg  *prometheus.Registry
+	mset *metrics.Set
+
+	mu      sync.Mutex
+	exports map[string]*export
+	warms   map[string]*warmJob
+	closed  bool
+
+	lock       *os.File // flock on state_dir: one daemon per state
+	apiLn      net.Listener
+	apiSrv     *http.Server
+	metricsLn  net.Listener
+	metricsSrv *http.Server
+	ctx        context.Context
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+
+	// RetryInterval is how often exports that failed to come back after a
+	// restart are tried again.
+	RetryInterval time.Duration
+}
+
+// New prepares a daemon: directories, the state lock, the cache manager.
+// Start restores the exports and opens the sockets.
+func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = logrus.StandardLogger()
+	}
+	for _, dir := range []string{cfg.StateDir, filepath.Join(cfg.StateDir, "cow")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("state_dir: %w", err)
+		}
+	}
+	lk, err := os.OpenFile(filepath.Join(cfg.StateDir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state_dir lock: %w", err)
+	}
+	if err := unix.Flock(int(lk.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lk.Close()
+		return nil, fmt.Errorf("state_dir %s is in use by another vmthunder daemon", cfg.StateDir)
+	}
+	mgr, err := cache.NewManager(cfg.CacheDir, cfg.CacheBudget)
+	if err != nil {
+		lk.Close()
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log, mgr: mgr, lock: lk,
+		exports: map[string]*export{}, warms: map[string]*warmJob{},
+		reg: prometheus.NewRegistry(), RetryInterval: 10 * time.Second}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.mset = metrics.NewSet(d.reg)
+	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), &collector{d: d})
+	return d, nil
+}
+
+// Registry is the daemon's Prometheus registry.
+func (d *Daemon) Registry() *prometheus.Registry { return d.reg }
+
+// Start re-creates the persisted exports, then listens on the API socket
+// and the metrics address. Exports that fail to come back stay in the
+// table in state "error" and are retried.
+func (d *Daemon) Start() error {
+	if err := d.prepareSocketDirs(); err != nil {
+		return err
+	}
+	recs, err := loadState(d.statePath())
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		e := &export{rec: r, state: stateCreating, busy: true}
+		d.exports[r.ID] = e
+	}
+	for _, r := range recs {
+		e := d.exports[r.ID]
+		err := d.open(e)
+		d.mu.Lock()
+		e.busy = false
+		if err != nil {
+			e.state, e.err = stateError, err
+			d.log.WithError(err).WithField("export", r.ID).Error("could not re-create export; will retry")
+		} else {
+			e.state = stateReady
+			d.log.WithFields(logrus.Fields{"export": r.ID, "socket": d.socketPath(r.ID)}).Info("export re-created")
+		}
+		d.mu.Unlock()
+	}
+	if err := d.serveAPI(); err != nil {
+		d.Close()
+		return err
+	}
+	if d.cfg.MetricsListen != "" {
+		if err := d.serveMetrics(); err != nil {
+			d.Close()
+			return err
+		}
+	}
+	d.wg.Add(1)
+	go d.retryLoop()
+	d.log.WithFields(logrus.Fields{"api": d.cfg.APISocket, "exports": len(recs), "version": Version}).Info("vmthunder daemon started")
+	return nil
+}
+
+// MetricsAddr is the metrics listener's address, "" when off.
+func (d *Daemon) MetricsAddr() string {
+	if d.metricsLn == nil {
+		return ""
+	}
+	return d.metricsLn.Addr().String()
+}
+
+// Close stops the API and every export (their NBD clients are cut off and
+// reconnect to the next daemon), flushing them. The table on disk is kept.
+func (d *Daemon) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.mu.Unlock()
+	d.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if d.apiSrv != nil {
+		d.apiSrv.Shutdown(ctx)
+	}
+	if d.metricsSrv != nil {
+		d.metricsSrv.Shutdown(ctx)
+	}
+	d.wg.Wait() // warm-ups and the retry loop
+	d.mu.Lock()
+	list := make([]*export, 0, len(d.exports))
+	for _, e := range d.exports {
+		list = append(list, e)
+	}
+	d.mu.Unlock()
+	var errs []error
+	for _, e := range list {
+		if err := d.closeExport(e); err != nil {
+			errs = append(errs, fmt.Errorf("export %s: %w", e.rec.ID, err))
+		}
+	}
+	d.lock.Close()
+	d.log.Info("vmthunder daemon stopped")
+	return errors.Join(errs...)
+}
+
+// socketPath is the export's NBD socket: NBD_SOCKET_DIR/ID.sock.
+func (d *Daemon) socketPath(id string) string {
+	return filepath.Join(d.cfg.NBDSocketDir, id+".sock")
+}
+
+// prepareSocketDirs makes the API socket's directory (0755, so QEMU's
+// group can reach the socket) and the NBD socket directory (0750
+// root:socket_group, or 0755 without a group).
+func (d *Daemon) prepareSocketDirs() error {
+	if err := os.MkdirAll(filepath.Dir(d.cfg.APISocket), 0o755); err != nil {
+		return fmt.Errorf("api_socket directory: %w", err)
+	}
+	mode := os.FileMode(0o755)
+	if d.cfg.SocketGID >= 0 {
+		mode = 0o750
+	}
+	if err := os.MkdirAll(d.cfg.NBDSocketDir, mode); err != nil {
+		return fmt.Errorf("nbd_socket_dir: %w", err)
+	}
+	if d.cfg.SocketGID >= 0 {
+		if err := os.Chown(d.cfg.NBDSocketDir, -1, d.cfg.SocketGID); err != nil {
+			return fmt.Errorf("nbd_socket_dir: %w", err)
+		}
+	}
+	if err := os.Chmod(d.cfg.NBDSocketDir, mode); err != nil {
+		return fmt.Errorf("nbd_socket_dir: %w", err)
+	}
+	return nil
+}
+
+// listenUnix listens at path, replacing a stale socket left by a previous
+// daemon (the state lock says no other daemon is alive), and gives the
+// socket to root:socket_group, mode 0660.
+func (d *Daemon) listenUnix(path string) (net.Listener, error) {
+	if len(path) > 107 {
+		return nil, fmt.Errorf("%w: socket path %s is longer than 107 bytes", blockdev.ErrInvalid, path)
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&fs.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
+	// The socket file is created with the umask's mode; connecting needs
+	// write permission, so until the chmod below only root can connect.
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if d.cfg.SocketGID >= 0 {
+		if err := os.Chown(path, 0, d.cfg.SocketGID); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("chown socket %s: %w", path, err)
+		}
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+func (r Record) spec() origin.Spec {
+	return origin.Spec{URL: r.Origin, ConnectionInfo: r.ConnectionInfo}
+}
+
+// chunkFor is the chunk size to open a base with: the configured one for a
+// new cache, 0 (adopt) for an existing one, so changing chunk_size in the
+// config does not make existing caches unusable.
+func (d *Daemon) chunkFor(base string) int64 {
+	if _, err := os.Stat(filepath.Join(d.mgr.Dir(), base, "bitmap")); err == nil {
+		return 0
+	}
+	return d.cfg.ChunkSize
+}
+
+// open builds the export's stack and serves it on its socket.
+func (d *Daemon) open(e *export) error {
+	r := e.rec
+	if r.Mode == api.ModeCOW {
+		if err := os.MkdirAll(filepath.Dir(r.CowPath), 0o700); err != nil {
+			return fmt.Errorf("cow_path directory: %w", err)
+		}
+	}
+	dev, err := stack.Build(stack.Options{
+		Origin:    r.spec(),
+		Mode:      stack.Mode(r.Mode),
+		Manager:   d.mgr,
+		BaseID:    r.Base,
+		ChunkSize: d.chunkFor(r.Base),
+		CowPath:   r.CowPath,
+	})
+	if err != nil {
+		return err
+	}
+	ex, ok := dev.(*stack.Export)
+	if !ok {
+		dev.Close()
+		return fmt.Errorf("stack.Build returned %T, not *stack.Export", dev)
+	}
+	top := metrics.Wrap(ex, d.mset, r.ID)
+	srv := nbd.NewServer(d.log.WithField("export", r.ID))
+	if err := srv.Add(r.ID, top); err != nil {
+		ex.Close()
+		return err
+	}
+	ln, err := d.listenUnix(d.socketPath(r.ID))
+	if err != nil {
+		ex.Close()
+		return fmt.Errorf("nbd socket: %w", err)
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := srv.Serve(ln); err != nil {
+			d.log.WithError(err).WithField("export", r.ID).Error("nbd server stopped")
+		}
+	}()
+	d.mu.Lock()
+	e.dev, e.top, e.srv, e.ln, e.err = ex, top, srv, ln, nil
+	d.mu.Unlock()
+	return nil
+}
+
+// closeExport stops serving and closes the stack (flushing it first).
+func (d *Daemon) closeExport(e *export) error {
+	d.mu.Lock()
+	dev, srv, ln := e.dev, e.srv, e.ln
+	e.dev, e.top, e.srv, e.ln = nil, nil, nil, nil
+	d.mu.Unlock()
+	if srv == nil {
+		return nil
+	}
+	srv.Close() // closes ln (removing the socket file) and cuts the clients
+	ln.Close()
+	var errs []error
+	if e.rec.Mode != api.ModeReadOnly {
+		if err := dev.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush: %w", err))
+		}
+	}
+	if err := dev.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// save writes the table; call with d.mu held.
+func (d *Daemon) saveLocked() error {
+	recs := make([]Record, 0, len(d.exports))
+	for _, e := range d.exports {
+		if e.state != stateCreating {
+			recs = append(recs, e.rec)
+		}
+	}
+	return writeState(d.statePath(), recs)
+}
+
+// deriveBase names the cache of an export that gave no base: after its
+// path or URL, or after the target IQN and LUN of its connection_info
+// (every portal of a multipath target names the same LUN).
+func deriveBase(r Record) (string, error) {
+	if r.ConnectionInfo == nil {
+		return stack.DeriveBaseID(r.spec())
+	}
+	s, err := iscsi.ParseConnectionInfo(r.ConnectionInfo)
+	if err != nil {
+		return "", err
+	}
+	if len(s.Portals) == 0 {
+		return "", fmt.Errorf("%w: connection_info without a portal", origin.ErrBadSpec)
+	}
+	p := s.Portals[0]
+	return stack.DeriveBaseID(origin.Spec{URL: fmt.Sprintf("iscsi-lun:%s-%d", p.IQN, p.LUN)})
+}
+
+// Create makes an export and persists it.
+func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
+	r := Record{ID: req.ID, Origin: req.Origin, ConnectionInfo: req.ConnectionInfo,
+		Base: req.Base, Mode: req.Mode, CowPath: req.CowPath, Created: time.Now().UTC()}
+	if r.Base == "" {
+		b, err := deriveBase(r)
+		if err != nil {
+			return nil, classify(err)
+		}
+		r.Base = b
+	}
+	if r.Mode == api.ModeCOW && r.CowPath == "" {
+		r.CowPath = filepath.Join(d.cfg.StateDir, "cow", r.ID+".img")
+	}
+	if sp := d.socketPath(r.ID); len(sp) > 107 {
+		return nil, api.BadRequest(api.CodeInvalid, "id %q is too long: socket path %s exceeds 107 bytes", r.ID, sp)
+	}
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil, api.Errorf(http.StatusServiceUnavailable, api.CodeConflict, "daemon is shutting down")
+	}
+	if _, ok := d.exports[r.ID]; ok {
+		d.mu.Unlock()
+		return nil, api.Errorf(http.StatusConflict, api.CodeExists, "export %q already exists", r.ID)
+	}
+	for _, o := range d.exports {
+		if r.CowPath != "" && o.rec.CowPath == r.CowPath {
+			d.mu.Unlock()
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "cow_path %s is used by export %q", r.CowPath, o.rec.ID)
+		}
+	}
+	e := &export{rec: r, state: stateCreating, busy: true}
+	d.exports[r.ID] = e
+	d.mu.Unlock()
+
+	log := d.log.WithFields(logrus.Fields{"export": r.ID, "mode": r.Mode, "base": r.Base,
+		"origin": api.DescribeOrigin(r.Origin, r.ConnectionInfo)})
+	if err := d.open(e); err != nil {
+		d.mu.Lock()
+		delete(d.exports, r.ID)
+		d.mu.Unlock()
+		log.WithError(err).Warn("create export failed")
+		return nil, classify(err)
+	}
+	d.mu.Lock()
+	e.state, e.busy = stateReady, false
+	err := d.saveLocked()
+	if err != nil {
+		delete(d.exports, r.ID)
+	}
+	d.mu.Unlock()
+	if err != nil {
+		d.closeExport(e)
+		log.WithError(err).Error("create export: could not persist the table")
+		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "persist export table: %v", err)
+	}
+	log.WithField("socket", d.socketPath(r.ID)).Info("export created")
+	return d.view(e), nil
+}
+
+// Get describes one export.
+func (d *Daemon) Get(id string) (*api.Export, error) {
+	d.mu.Lock()
+	e := d.exports[id]
+	d.mu.Unlock()
+	if e == nil {
+		return nil, notFound(id)
+	}
+	return d.view(e), nil
+}
+
+// List describes every export, by id.
+func (d *Daemon) List() []api.Export {
+	d.mu.Lock()
+	list := make([]*export, 0, len(d.exports))
+	for _, e := range d.exports {
+		list = append(list, e)
+	}
+	d.mu.Unlock()
+	sort.Slice(list, func(i, j int) bool { return list[i].rec.ID < list[j].rec.ID })
+	out := make([]api.Export, 0, len(list))
+	for _, e := range list {
+		out = append(out, *d.view(e))
+	}
+	return out
+}
+
+func notFound(id string) error {
+	return api.Errorf(http.StatusNotFound, api.CodeNotFound, "no export %q", id)
+}
+
+// acquire marks an existing, idle export busy.
+func (d *Daemon) acquire(id string) (*export, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.exports[id]
+	switch {
+	case e == nil:
+		return nil, notFound(id)
+	case e.busy:
+		return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is busy (%s); try again", id, e.state)
+	}
+	e.busy = true
+	return e, nil
+}
+
+// Delete stops and forgets an export. deleteCOW also removes its COW
+// store (an instance's disk is gone for good); without it the store is kept
+// and a new export with the same cow_path resumes it.
+func (d *Daemon) Delete(id string, deleteCOW bool) error {
+	e, err := d.acquire(id)
+	if err != nil {
+		return err
+	}
+	log := d.log.WithField("export", id)
+	if err := d.closeExport(e); err != nil {
+		log.WithError(err).Warn("closing export")
+	}
+	d.mset.Forget(id)
+	d.mu.Lock()
+	delete(d.exports, id)
+	err = d.saveLocked()
+	d.mu.Unlock()
+	if err != nil {
+		return api.Errorf(http.StatusInternalServerError, api.CodeInternal, "export stopped but the table could not be saved: %v", err)
+	}
+	if deleteCOW && e.rec.CowPath != "" {
+		for _, p := range []string{e.rec.CowPath, e.rec.CowPath + ".bitmap"} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				log.WithError(err).Warn("removing cow store")
+			}
+		}
+	}
+	log.WithField("delete_cow", deleteCOW).Info("export deleted")
+	return nil
+}
+
+// Refresh re-reads the origin's size. When it changed (a Cinder volume
+// was extended) the export is re-assembled at the same socket: its NBD
+// clients reconnect and see the new size, and the base cache, which is
+// tied to the old size, is dropped. A cow export cannot follow its base's
+// size, and a base shared with other exports is not dropped under them.
+func (d *Daemon) Refresh(id string) (*api.Export, error) {
+	e, err := d.acquire(id)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		d.mu.Lock()
+		e.busy = false
+		d.mu.Unlock()
+	}()
+	spec := e.rec.spec()
+	spec.ReadOnly = true
+	o, err := origin.Open(spec)
+	if err != nil {
+		return nil, classify(err)
+	}
+	size := o.Size()
+	o.Close()
+	d.mu.Lock()
+	failed, cur := e.state == stateError, int64(-1)
+	if e.top != nil {
+		cur = e.top.Size()
+	}
+	shared := 0
+	for _, x := range d.exports {
+		if x != e && x.rec.Base == e.rec.Base {
+			shared++
+		}
+	}
+	d.mu.Unlock()
+	if !failed && size == cur {
+		return d.view(e), nil
+	}
+	if !failed {
+		switch {
+		case e.rec.Mode == api.ModeCOW:
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is cow over base %s: its size cannot change from %d to %d", id, e.rec.Base, cur, size)
+		case shared > 0:
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "base %s changed size but %d other export(s) use it", e.rec.Base, shared)
+		}
+		if err := d.closeExport(e); err != nil {
+			d.log.WithError(err).WithField("export", id).Warn("closing export for refresh")
+		}
+		if err := d.mgr.Remove(e.rec.Base); err != nil {
+			d.log.WithError(err).WithField("base", e.rec.Base).Warn("dropping resized base cache")
+		}
+	}
+	err = d.open(e)
+	d.mu.Lock()
+	if err != nil {
+		e.state, e.err = stateError, err
+	} else {
+		e.state, e.err = stateReady, nil
+	}
+	d.mu.Unlock()
+	if err != nil {
+		return nil, classify(err)
+	}
+	d.log.WithFields(logrus.Fields{"export": id, "old_size": cur, "size": size}).Info("export refreshed")
+	return d.view(e), nil
+}
+
+// retryLoop re-tries exports that could not be re-created at start (an
+// origin that was not reachable yet).
+func (d *Daemon) retryLoop() {
+	defer d.wg.Done()
+	t := time.NewTicker(d.RetryInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		var todo []*export
+		for _, e := range d.exports {
+			if e.state == stateError && !e.busy {
+				e.busy = true
+				todo = append(todo, e)
+			}
+		}
+		d.mu.Unlock()
+		for _, e := range todo {
+			err := d.open(e)
+			d.mu.Lock()
+			e.busy = false
+			if err == nil {
+				e.state, e.err = stateReady, nil
+				d.log.WithField("export", e.rec.ID).Info("export re-created")
+			} else {
+				e.err = err
+			}
+			d.mu.Unlock()
+		}
+	}
+}
+
+// view is the API's picture of an export.
+func (d *Daemon) view(e *export) *api.Export {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	sock := d.socketPath(e.rec.ID)
+	v := &api.Export{ID: e.rec.ID, Mode: e.rec.Mode, Base: e.rec.Base,
+		Socket: sock, ExportName: e.rec.ID, URI: "nbd+unix:///" + e.rec.ID + "?socket=" + sock,
+		Origin: api.DescribeOrigin(e.rec.Origin, e.rec.ConnectionInfo), CowPath: e.rec.CowPath, State: e.state}
+	if e.err != nil {
+		v.Error = e.err.Error()
+	}
+	if e.top != nil {
+		v.Size = e.top.Size()
+		c := e.top.Counters()
+		st := &api.ExportStats{ReadOps: c.ReadOps, WriteOps: c.WriteOps, ReadBytes: c.ReadBytes,
+			WriteBytes: c.WriteBytes, Errors: c.Errors}
+		if ref := e.dev.Cache(); ref != nil {
+			cs := ref.Stats()
+			st.CacheHitBytes, st.OriginBytes = cs.BytesFromCache, cs.BytesFromSource
+		}
+		v.Stats = st
+	}
+	return v
+}
+
+// classify maps an error from building an export to an API error.
+func classify(err error) error {
+	var ae *api.Error
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.Is(err, origin.ErrBadSpec):
+		return api.BadRequest(api.CodeBadOrigin, "%v", err)
+	case errors.Is(err, cache.ErrMismatch), errors.Is(err, cache.ErrInUse):
+		return api.Errorf(http.StatusConflict, api.CodeConflict, "%v", err)
+	case errors.Is(err, blockdev.ErrInvalid):
+		return api.BadRequest(api.CodeInvalid, "%v", err)
+	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
+		return api.BadRequest(api.CodeOriginError, "%v", err)
+	}
+	return api.Errorf(http.StatusBadGateway, api.CodeOriginError, "%v", err)
+}

@@ -1,0 +1,102 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+)
+
+// Record is one export as persisted in state_dir/exports.json: enough to
+// re-create it after a restart with the same socket, COW store and cache.
+// It holds the CHAP password of a connection_info origin, so the file is
+// mode 0600 and its content never reaches the API or the logs.
+type Record struct {
+	ID             string         `json:"id"`
+	Origin         string         `json:"origin,omitempty"`
+	ConnectionInfo map[string]any `json:"connection_info,omitempty"`
+	Base           string         `json:"base"`
+	Mode           string         `json:"mode"`
+	CowPath        string         `json:"cow_path,omitempty"`
+	Created        time.Time      `json:"created"`
+}
+
+type stateFile struct {
+	Version int      `json:"version"`
+	Exports []Record `json:"exports"`
+}
+
+const stateVersion = 1
+
+func (d *Daemon) statePath() string { return filepath.Join(d.cfg.StateDir, "exports.json") }
+
+// loadState reads the export table; a missing file is an empty table.
+func loadState(path string) ([]Record, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read state %s: %w", path, err)
+	}
+	var s stateFile
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("state %s is corrupt: %w (move it away to start with no exports)", path, err)
+	}
+	if s.Version != stateVersion {
+		return nil, fmt.Errorf("state %s has version %d, this daemon reads %d", path, s.Version, stateVersion)
+	}
+	return s.Exports, nil
+}
+
+// writeState replaces the table atomically: a reader (or a restart after a
+// crash) sees the old table or the new one, never a mix. The temp file is
+// fsynced before the rename and the directory after it, so the rename
+// itself is durable.
+func writeState(path string, recs []Record) error {
+	sort.Slice(recs, func(i, j int) bool { return recs[i].ID < recs[j].ID })
+	if recs == nil {
+		recs = []Record{}
+	}
+	b, err := json.MarshalIndent(stateFile{Version: stateVersion, Exports: recs}, "", "  ")
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".exports-*.json")
+	if err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // after a successful rename this is a no-op
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return fmt.Errorf("write state: %w", err)
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("write state %s: %w", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("fsync state %s: %w", tmp, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write state %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	df, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("fsync state directory: %w", err)
+	}
+	defer df.Close()
+	if err := df.Sync(); err != nil {
+		return fmt.Errorf("fsync state directory %s: %w", dir, err)
+	}
+	return nil
+}

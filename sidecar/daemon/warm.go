@@ -1,0 +1,232 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/vmthunder/vmthunder/sidecar/api"
+	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
+	"github.com/vmthunder/vmthunder/sidecar/origin"
+)
+
+// warmJob is a base's current or last warm-up; status is guarded by
+// Daemon.mu. ref is held while it runs, so the cache stays open (and its
+// counters are visible) even with no export.
+type warmJob struct {
+	status api.WarmStatus
+	ref    *cache.Ref
+}
+
+// Warm starts copying the whole base into the cache in the background. A
+// warm-up that is running is not started twice; its status is returned.
+// The origin comes from the request, or from an export of the base.
+func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error) {
+	if err := api.ValidBase(base); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	if j := d.warms[base]; j != nil && j.status.State == api.WarmRunning {
+		st := j.status
+		d.mu.Unlock()
+		return &st, nil
+	}
+	spec := origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo}
+	if req.Origin == "" && req.ConnectionInfo == nil {
+		found := false
+		for _, e := range d.exports {
+			if e.rec.Base == base {
+				spec, found = e.rec.spec(), true
+				break
+			}
+		}
+		if !found {
+			d.mu.Unlock()
+			return nil, api.BadRequest(api.CodeMissingField, "base %q has no export on this node: give \"origin\" or \"connection_info\" to warm it from", base)
+		}
+	}
+	j := &warmJob{status: api.WarmStatus{State: api.WarmRunning, Started: time.Now().UTC().Format(time.RFC3339)}}
+	d.warms[base] = j // claims the base: a second request sees it running
+	d.mu.Unlock()
+
+	spec.ReadOnly = true
+	ref, err := d.mgr.OpenFunc(base, d.chunkFor(base), func() (blockdev.Device, error) { return origin.Open(spec) })
+	if err != nil {
+		d.mu.Lock()
+		delete(d.warms, base)
+		d.mu.Unlock()
+		return nil, classify(err)
+	}
+	d.mu.Lock()
+	j.ref = ref
+	j.status.TotalBytes = ref.Size()
+	st := j.status
+	d.mu.Unlock()
+	log := d.log.WithField("base", base)
+	log.WithField("bytes", st.TotalBytes).Info("warm-up started")
+
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		err := ref.Warm(d.ctx, func(done, total int64) {
+			d.mu.Lock()
+			j.status.DoneBytes, j.status.TotalBytes = done, total
+			d.mu.Unlock()
+		})
+		d.mu.Lock()
+		j.status.Finished = time.Now().UTC().Format(time.RFC3339)
+		if err != nil {
+			j.status.State, j.status.Error = api.WarmFailed, err.Error()
+		} else {
+			j.status.State, j.status.DoneBytes = api.WarmDone, j.status.TotalBytes
+		}
+		j.ref = nil
+		d.mu.Unlock()
+		if cerr := ref.Close(); cerr != nil {
+			log.WithError(cerr).Warn("closing warmed base")
+		}
+		switch {
+		case errors.Is(err, context.Canceled):
+			log.Info("warm-up stopped by shutdown")
+		case err != nil:
+			log.WithError(err).Error("warm-up failed")
+		default:
+			log.Info("warm-up done")
+		}
+	}()
+	return &st, nil
+}
+
+// openBases are the bases open now, for stats: every export's and every
+// running warm-up's, once each.
+func (d *Daemon) openBases() map[string]*cache.Ref {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[string]*cache.Ref{}
+	for _, e := range d.exports {
+		if e.dev != nil && e.dev.Cache() != nil {
+			out[e.rec.Base] = e.dev.Cache()
+		}
+	}
+	for id, j := range d.warms {
+		if j.ref != nil {
+			out[id] = j.ref
+		}
+	}
+	return out
+}
+
+// Bases lists the caches in the cache directory.
+func (d *Daemon) Bases() ([]api.Base, error) {
+	infos, err := d.mgr.List()
+	if err != nil {
+		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "%v", err)
+	}
+	open := d.openBases()
+	d.mu.Lock()
+	users := map[string]int{}
+	for _, e := range d.exports {
+		users[e.rec.Base]++
+	}
+	out := make([]api.Base, 0, len(infos))
+	seen := map[string]bool{}
+	for _, inf := range infos {
+		b := api.Base{ID: inf.ID, Size: inf.Size, ChunkSize: inf.ChunkSize, DiskBytes: inf.BytesOnDisk,
+			InUse: inf.Refs > 0, Exports: users[inf.ID]}
+		// Without an open cache the bitmap is not read; the blocks on disk
+		// are a close upper bound.
+		b.PresentBytes = min(inf.BytesOnDisk, inf.Size)
+		if r := open[inf.ID]; r != nil {
+			b.PresentBytes = r.Stats().BytesPresent
+		}
+		if j := d.warms[inf.ID]; j != nil {
+			st := j.status
+			b.Warm = &st
+		}
+		seen[inf.ID] = true
+		out = append(out, b)
+	}
+	// A warm-up that failed before its cache existed is still worth showing.
+	for id, j := range d.warms {
+		if !seen[id] {
+			st := j.status
+			out = append(out, api.Base{ID: id, Warm: &st})
+		}
+	}
+	d.mu.Unlock()
+	return out, nil
+}
+
+// Base describes one base.
+func (d *Daemon) Base(id string) (*api.Base, error) {
+	if err := api.ValidBase(id); err != nil {
+		return nil, err
+	}
+	l, err := d.Bases()
+	if err != nil {
+		return nil, err
+	}
+	for i := range l {
+		if l[i].ID == id {
+			return &l[i], nil
+		}
+	}
+	return nil, api.Errorf(http.StatusNotFound, api.CodeNotFound, "no base %q in the cache", id)
+}
+
+// DeleteBase removes a base's cache; 409 while an export or warm-up uses it.
+func (d *Daemon) DeleteBase(id string) error {
+	if err := api.ValidBase(id); err != nil {
+		return err
+	}
+	if _, err := d.Base(id); err != nil {
+		return err
+	}
+	if err := d.mgr.Remove(id); err != nil {
+		return classify(err)
+	}
+	d.mu.Lock()
+	if j := d.warms[id]; j != nil && j.status.State != api.WarmRunning {
+		delete(d.warms, id)
+	}
+	d.mu.Unlock()
+	d.log.WithField("base", id).Info("base cache removed")
+	return nil
+}
+
+// Stats are the node's totals.
+func (d *Daemon) Stats() api.Stats {
+	var s api.Stats
+	open := d.openBases()
+	for _, r := range open {
+		cs := r.Stats()
+		s.CacheHits += cs.Hits
+		s.CacheMisses += cs.Misses
+		s.CacheHitBytes += cs.BytesFromCache
+		s.OriginBytes += cs.BytesFromSource
+		s.WriteThroughByte += cs.WriteThrough
+	}
+	if infos, err := d.mgr.List(); err == nil {
+		s.Bases = len(infos)
+		for _, inf := range infos {
+			s.CacheDiskBytes += inf.BytesOnDisk
+		}
+	}
+	s.CacheBudget = d.cfg.CacheBudget
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s.Exports = len(d.exports)
+	for _, e := range d.exports {
+		if e.top != nil {
+			c := e.top.Counters()
+			s.ReadOps += c.ReadOps
+			s.WriteOps += c.WriteOps
+			s.ReadBytes += c.ReadBytes
+			s.WriteBytes += c.WriteBytes
+			s.Errors += c.Errors
+		}
+	}
+	return s
+}
