@@ -42,6 +42,7 @@ func Defaults() *Config {
 		StateDir:     "/var/lib/vmthunder",
 		APISocket:    "/run/vmthunder/api.sock",
 		NBDSocketDir: "/run/vmthunder/nbd",
+		CacheDir:     "/var/lib/vmthunder/cache",
 		SocketGID:    -1,
 		LogLevel:     logrus.InfoLevel,
 		ChunkSize:    256 << 10,
@@ -88,11 +89,11 @@ func Load(path string) (*Config, []string, error) {
 		return fmt.Errorf("config %s: [%s] %s: %s", path, sec, key, why)
 	}
 	str := func(sec, key string, dst *string, absPath bool) error {
-		k := f.Section(sec).Key(key)
+		// Key() creates a missing key, so ask HasKey first.
 		if !f.Section(sec).HasKey(key) {
 			return nil
 		}
-		v := strings.TrimSpace(k.String())
+		v := strings.TrimSpace(f.Section(sec).Key(key).String())
 		if absPath && !filepath.IsAbs(v) {
 			return bad(sec, key, fmt.Sprintf("%q is not an absolute path", v))
 		}

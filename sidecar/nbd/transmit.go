@@ -9,6 +9,7 @@ import (
 	"math/bits"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -23,8 +24,9 @@ type conn struct {
 	dev  blockdev.Device
 	log  logrus.FieldLogger
 
-	wmu sync.Mutex // one reply on the wire at a time
-	w   *bufio.Writer
+	wmu     sync.Mutex // one reply on the wire at a time
+	w       *bufio.Writer
+	waiting atomic.Int32 // replies ready to send; the last one flushes
 
 	sem      chan struct{}
 	inflight sync.WaitGroup
@@ -288,14 +290,20 @@ func (c *conn) replyChunk(cookie uint64, typ uint16, prefix, data []byte) {
 	c.send(h[:], prefix, data)
 }
 
+// send writes one reply. Under load several replies share one flush (one
+// write syscall): whoever brings the count of waiting senders to zero
+// flushes, so no reply is left in the buffer.
 func (c *conn) send(h, prefix, data []byte) {
+	c.waiting.Add(1)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.w.Write(h)
 	c.w.Write(prefix)
 	c.w.Write(data)
-	if err := c.w.Flush(); err != nil {
-		c.shutdown()
+	if c.waiting.Add(-1) == 0 {
+		if err := c.w.Flush(); err != nil {
+			c.shutdown()
+		}
 	}
 }
 

@@ -16,16 +16,16 @@ dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
 serve() { # NAME DELAY
   local sock=$dir/$1.sock
   case $1 in
-    ours*) "$BIN" export --readonly --socket "$sock" ${2:+--delay-read "$2"} "$img" 2>/dev/null & ;;
-    nbdkit*) nbdkit -f -r -U "$sock" ${2:+--filter=delay rdelay="$2"} file "$img" & ;;
+    ours*) "$BIN" export --readonly --socket "$sock" ${2:+--delay-read "$2"} "$img" >/dev/null 2>&1 & ;;
+    nbdkit*) nbdkit -f -r -U "$sock" ${2:+--filter=delay} file "$img" ${2:+rdelay=$2} >/dev/null 2>&1 & ;;
   esac
   pids+=($!)
   wait_sock "$sock"
-  echo "nbd+unix:///?socket=$sock"
 }
 
-ours=$(serve ours ""); kit=$(serve nbdkit "")
-oursd=$(serve ours-delay 1ms); kitd=$(serve nbdkit-delay 1ms)
+serve ours ""; serve nbdkit ""; serve ours-delay 1ms; serve nbdkit-delay 1ms
+u() { echo "nbd+unix:///?socket=$dir/$1.sock"; }
+ours=$(u ours); kit=$(u nbdkit); oursd=$(u ours-delay); kitd=$(u nbdkit-delay)
 
 header nbdkit
 read -r o _ < <(fio_nbd "$ours" randread 4k 32); read -r a _ < <(fio_nbd "$kit" randread 4k 32)

@@ -5,7 +5,7 @@ fio_nbd() {
   local uri=$1 rw=$2 bs=$3 qd=$4 secs=${5:-8}
   fio --name=b --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
       --runtime="$secs" --time_based --ramp_time=1 --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; print("%.0f %.1f" % (j["iops"], j["bw_bytes"]/1048576))'
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["read"]; print("%.0f %.1f" % (j["iops"], j["bw_bytes"]/1048576))'
 }
 
 # wait_sock PATH: wait until a unix socket exists (10 s).

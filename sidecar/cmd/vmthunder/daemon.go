@@ -32,7 +32,6 @@ func runDaemon(args []string) error {
 	log := logrus.New()
 	log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
 	cfg := config.Defaults()
-	cfg.CacheDir = cfg.StateDir + "/cache"
 	file := *path
 	if file == "" && config.Exists(defaultConfig) {
 		file = defaultConfig

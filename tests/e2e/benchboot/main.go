@@ -30,11 +30,11 @@ func main() {
 }
 
 type bench struct {
-	dir   string
-	img   *guestimage.Image
-	lab   *e2e.Lab
-	n     int
-	ctx   context.Context
+	dir string
+	img *guestimage.Image
+	lab *e2e.Lab
+	n   int
+	ctx context.Context
 }
 
 func (b *bench) boot(kind string, d e2e.Disk) (time.Duration, error) {

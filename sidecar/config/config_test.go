@@ -1,0 +1,108 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+)
+
+func write(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "vmthunder.conf")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoad(t *testing.T) {
+	p := write(t, `[DEFAULT]
+state_dir = /srv/vmt
+api_socket = /run/x/api.sock
+nbd_socket_dir = /run/x/nbd
+socket_group = root
+log_level = debug
+typo_key = 1
+
+[cache]
+size_budget = 20G
+chunk_size = 1M
+
+[metrics]
+listen = 127.0.0.1:9470
+`)
+	c, warn, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.StateDir != "/srv/vmt" || c.APISocket != "/run/x/api.sock" || c.NBDSocketDir != "/run/x/nbd" {
+		t.Errorf("paths: %+v", c)
+	}
+	if c.CacheDir != "/srv/vmt/cache" {
+		t.Errorf("cache dir defaults under state_dir, got %s", c.CacheDir)
+	}
+	if c.CacheBudget != 20<<30 || c.ChunkSize != 1<<20 {
+		t.Errorf("sizes: budget %d chunk %d", c.CacheBudget, c.ChunkSize)
+	}
+	if c.SocketGID != 0 || c.LogLevel != logrus.DebugLevel || c.MetricsListen != "127.0.0.1:9470" {
+		t.Errorf("got %+v", c)
+	}
+	if len(warn) != 1 || !strings.Contains(warn[0], "typo_key") {
+		t.Errorf("want one warning naming typo_key, got %q", warn)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	c, _, err := Load(write(t, "# nothing\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Defaults()
+	if c.StateDir != d.StateDir || c.APISocket != d.APISocket || c.CacheDir != d.CacheDir ||
+		c.ChunkSize != 256<<10 || c.CacheBudget != 0 || c.SocketGID != -1 || c.MetricsListen != "" {
+		t.Errorf("defaults: %+v", c)
+	}
+}
+
+// Every bad value is an error naming the file, the section and the key.
+func TestLoadErrors(t *testing.T) {
+	for _, tc := range []struct{ body, want string }{
+		{"[cache]\nsize_budget = 20X\n", "[cache] size_budget"},
+		{"[cache]\nchunk_size = 3000\n", "[cache] chunk_size"},
+		{"[cache]\ndir = relative/dir\n", "[cache] dir"},
+		{"state_dir = var/lib\n", "[DEFAULT] state_dir"},
+		{"log_level = loud\n", "[DEFAULT] log_level"},
+		{"socket_group = no-such-group-vmt\n", "[DEFAULT] socket_group"},
+		{"[metrics]\nlisten = localhost\n", "[metrics] listen"},
+		{"[cache\nx=1\n", "config "},
+	} {
+		p := write(t, tc.body)
+		_, _, err := Load(p)
+		if err == nil {
+			t.Errorf("%q: no error", tc.body)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), p) {
+			t.Errorf("%q: error %q does not name %q and the file", tc.body, err, tc.want)
+		}
+	}
+	if _, _, err := Load("/nonexistent/vmthunder.conf"); err == nil || !strings.Contains(err.Error(), "/nonexistent/vmthunder.conf") {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"256K": 256 << 10, "20G": 20 << 30, "1.5T": 3 << 39, "4096": 4096, "64MiB": 64 << 20, " 2m ": 2 << 20} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "K", "-1G", "12Q", "1e30G"} {
+		if _, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q): no error", in)
+		}
+	}
+}
