@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,7 +27,7 @@ type env struct {
 	cfg *config.Config
 	d   *Daemon
 	c   *client.Client
-	log *bytes.Buffer
+	log *logBuf
 }
 
 func newEnv(t *testing.T, mod func(*config.Config)) *env {
@@ -46,28 +47,35 @@ func newEnv(t *testing.T, mod func(*config.Config)) *env {
 	if mod != nil {
 		mod(cfg)
 	}
-	e := &env{t: t, dir: dir, cfg: cfg, log: &bytes.Buffer{}}
+	e := &env{t: t, dir: dir, cfg: cfg, log: &logBuf{}}
 	e.start()
 	t.Cleanup(func() { e.stop() })
 	return e
 }
 
-type syncBuf struct {
-	mu chan struct{}
-	b  *bytes.Buffer
+// logBuf collects the daemon's log for assertions.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
-func (s syncBuf) Write(p []byte) (int, error) {
-	s.mu <- struct{}{}
-	defer func() { <-s.mu }()
-	return s.b.Write(p)
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func (e *env) start() {
 	e.t.Helper()
 	log := logrus.New()
 	log.SetLevel(logrus.DebugLevel)
-	log.SetOutput(io.MultiWriter(syncBuf{make(chan struct{}, 1), e.log}))
+	log.SetOutput(e.log)
 	d, err := New(e.cfg, log)
 	if err != nil {
 		e.t.Fatal(err)

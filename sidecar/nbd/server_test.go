@@ -176,7 +176,8 @@ func TestQemuIOWriteFlushDiscardZero(t *testing.T) {
 func TestFioVerify(t *testing.T) {
 	sock := serveDevs(t, map[string]blockdev.Device{"": memdev.New(64 << 20)})
 	out := run(t, "fio", "--name=v", "--ioengine=nbd", "--uri="+uri(sock, ""), "--rw=randwrite",
-		"--bs=4k", "--iodepth=32", "--size=32m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+		"--bs=4k", "--iodepth=32", "--size=32m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+		"--verify_state_save=0", "--directory="+t.TempDir())
 	if !strings.Contains(out, "err= 0") {
 		t.Fatalf("fio verify did not report err=0:\n%s", out)
 	}

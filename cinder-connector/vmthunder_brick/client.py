@@ -1,0 +1,97 @@
+"""HTTP/JSON over the sidecar's unix socket (docs/api.md), stdlib only."""
+
+import http.client
+import json
+import os
+import socket
+import urllib.parse
+
+DEFAULT_SOCKET = "/run/vmthunder/api.sock"
+
+
+def default_socket():
+    return os.environ.get("VMTHUNDER_SOCKET", DEFAULT_SOCKET)
+
+
+class SidecarError(Exception):
+    """An answer from the sidecar that is not a success."""
+
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self):
+        return f"sidecar: {self.message} ({self.code or self.status})"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class SidecarClient:
+    """Thin client: one method per API call, answers as dicts."""
+
+    def __init__(self, socket_path=None, timeout=120):
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+
+    def _call(self, method, path, body=None):
+        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        try:
+            data = None if body is None else json.dumps(body)
+            headers = {"Content-Type": "application/json"} if data else {}
+            try:
+                conn.request(method, "/v1" + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except OSError as e:
+                raise SidecarError(
+                    0, "unreachable", f"cannot reach the sidecar at {self.socket_path}: {e}"
+                ) from e
+        finally:
+            conn.close()
+        payload = {}
+        if raw:
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = {"error": raw.decode(errors="replace")}
+        if resp.status >= 400:
+            raise SidecarError(resp.status, payload.get("code", ""), payload.get("error", resp.reason))
+        return payload
+
+    @staticmethod
+    def _id(export_id):
+        return urllib.parse.quote(export_id, safe="")
+
+    def info(self):
+        return self._call("GET", "/info")
+
+    def create_export(self, request):
+        return self._call("POST", "/exports", request)
+
+    def get_export(self, export_id):
+        return self._call("GET", f"/exports/{self._id(export_id)}")
+
+    def list_exports(self):
+        return self._call("GET", "/exports").get("exports", [])
+
+    def delete_export(self, export_id):
+        self._call("DELETE", f"/exports/{self._id(export_id)}")
+
+    def refresh_export(self, export_id):
+        return self._call("POST", f"/exports/{self._id(export_id)}/refresh")
