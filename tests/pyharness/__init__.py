@@ -86,7 +86,7 @@ class Tgtd:
 class Sidecar:
     """`vmthunder daemon` with a private config in a temp dir."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, socket_group="root"):
         self.workdir = workdir
         self.api_socket = os.path.join(workdir, "api.sock")
         self.config = os.path.join(workdir, "vmthunder.conf")
@@ -95,7 +95,7 @@ class Sidecar:
 state_dir = {workdir}/state
 api_socket = {self.api_socket}
 nbd_socket_dir = {workdir}/nbd
-socket_group = root
+socket_group = {socket_group}
 
 [cache]
 dir = {workdir}/cache

@@ -1,0 +1,1 @@
+"""Nova plugin for VMThunder: libvirt disks served by the sidecar over NBD."""
