@@ -6,8 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/bits"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,55 +16,78 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 )
 
-// conn is one client in the transmission phase.
+// drainTimeout bounds how long a shut-down connection may take to send its
+// last replies to a client that stopped reading.
+const drainTimeout = 10 * time.Second
+
+// conn is one client in the transmission phase. One goroutine reads
+// requests, up to MaxInFlight workers run them, one goroutine writes replies.
 type conn struct {
-	nc   net.Conn
-	r    *bufio.Reader
-	sess *session
-	dev  blockdev.Device
-	log  logrus.FieldLogger
-
-	wmu     sync.Mutex // one reply on the wire at a time
-	w       *bufio.Writer
-	waiting atomic.Int32 // replies ready to send; the last one flushes
-
-	sem      chan struct{}
-	inflight sync.WaitGroup
+	srv      *Server
+	nc       net.Conn
+	r        *bufio.Reader
+	sess     *session
+	dev      blockdev.Device
+	log      logrus.FieldLogger
 	maxBlock uint32
-	stopOnce sync.Once
+
+	work    chan job // unbuffered: a send only succeeds into an idle worker
+	workers int      // started so far; touched by the reader only
+	running sync.WaitGroup
+
+	replies    chan reply
+	writerDone chan struct{}
+
+	stopping atomic.Bool
+	done     chan struct{} // closed once the connection is gone
 }
 
-func newConn(nc net.Conn, r *bufio.Reader, w *bufio.Writer, sess *session, log logrus.FieldLogger) *conn {
-	_, _, max := sess.export.blockSizes()
-	return &conn{nc: nc, r: r, w: w, sess: sess, dev: sess.export.dev, log: log,
-		sem: make(chan struct{}, MaxInFlight), maxBlock: max}
+type job struct {
+	req     request
+	payload []byte // WRITE data, from getBuf
 }
 
-// shutdown stops reading new requests; in-flight ones still get replies.
+func newConn(srv *Server, nc net.Conn, r *bufio.Reader, sess *session, log logrus.FieldLogger) *conn {
+	_, _, maxBlock := sess.export.blockSizes()
+	return &conn{srv: srv, nc: nc, r: r, sess: sess, dev: sess.export.dev, log: log, maxBlock: maxBlock,
+		work: make(chan job), replies: make(chan reply, 2*MaxInFlight),
+		writerDone: make(chan struct{}), done: make(chan struct{})}
+}
+
+// shutdown stops reading new requests; those already read still get
+// their replies, within drainTimeout.
 func (c *conn) shutdown() {
-	c.stopOnce.Do(func() {
-		if cr, ok := c.nc.(interface{ CloseRead() error }); ok && cr.CloseRead() == nil {
-			return
-		}
-		_ = c.nc.SetReadDeadline(time.Now())
-	})
+	if c.stopping.Swap(true) {
+		return
+	}
+	now := time.Now()
+	_ = c.nc.SetReadDeadline(now)
+	_ = c.nc.SetWriteDeadline(now.Add(drainTimeout))
 }
 
-// serve reads requests until DISC, EOF or a fatal framing error, running
-// each in its own goroutine (at most MaxInFlight at a time).
+// serve runs the connection until DISC, EOF, a framing error or shutdown,
+// then waits for every started request to be answered.
 func (c *conn) serve() {
-	defer c.inflight.Wait()
+	go c.writeLoop()
+	c.readLoop()
+	close(c.work)
+	c.running.Wait()
+	close(c.replies)
+	<-c.writerDone
+}
+
+func (c *conn) readLoop() {
 	var hdr [requestSize]byte
-	for {
+	for !c.stopping.Load() {
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
-			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrDeadlineExceeded) {
 				c.log.WithError(err).Debug("nbd: connection ended")
 			}
 			return
 		}
 		req, err := decodeRequest(hdr[:])
 		if err != nil {
-			// Without a valid magic we cannot find the next request.
+			// Without a valid magic the next request cannot be found.
 			c.log.WithError(err).Warn("nbd: dropping connection")
 			return
 		}
@@ -75,7 +98,7 @@ func (c *conn) serve() {
 				if _, err := io.CopyN(io.Discard, c.r, int64(req.length)); err != nil {
 					return
 				}
-				c.replyError(req, errInval, fmt.Sprintf("write of %d bytes exceeds maximum block size %d", req.length, c.maxBlock))
+				c.replies <- c.errorReply(req, errInval, fmt.Sprintf("write of %d bytes exceeds the maximum block size %d", req.length, c.maxBlock))
 				continue
 			}
 			payload = getBuf(int(req.length))
@@ -87,49 +110,81 @@ func (c *conn) serve() {
 		if req.typ == cmdDisc {
 			return
 		}
-		c.sem <- struct{}{}
-		c.inflight.Add(1)
-		go func() {
-			defer func() { <-c.sem; c.inflight.Done() }()
-			c.handle(req, payload)
-		}()
+		c.dispatch(job{req, payload})
 	}
 }
 
-func (c *conn) handle(req request, payload []byte) {
-	if payload != nil {
-		defer putBuf(payload)
+// dispatch hands j to an idle worker, starts a new one while fewer than
+// MaxInFlight exist, or else waits for one to become idle. Workers live
+// as long as the connection, so their stacks are grown once.
+func (c *conn) dispatch(j job) {
+	select {
+	case c.work <- j:
+		return
+	default:
 	}
+	if c.workers < MaxInFlight {
+		c.workers++
+		c.running.Add(1)
+		go c.worker(j)
+		return
+	}
+	c.work <- j
+}
+
+func (c *conn) worker(j job) {
+	defer c.running.Done()
+	for {
+		c.srv.inFlight.Add(1)
+		r := c.handle(j.req, j.payload)
+		if j.payload != nil {
+			putBuf(j.payload)
+		}
+		c.replies <- r
+		c.srv.inFlight.Add(-1)
+		c.srv.requests.Add(1)
+		var ok bool
+		if j, ok = <-c.work; !ok {
+			return
+		}
+	}
+}
+
+func (c *conn) handle(req request, payload []byte) reply {
 	caps := c.dev.Caps()
 	size := c.dev.Size()
 	off, length := int64(req.offset), int64(req.length)
 	inRange := req.offset <= uint64(size) && length <= size-off
+	where := func() string { return fmt.Sprintf("offset %d length %d, export size %d", off, length, size) }
 
 	switch req.typ {
 	case cmdRead:
 		if !inRange {
-			c.replyError(req, errInval, fmt.Sprintf("read beyond end of device (offset %d length %d size %d)", off, length, size))
-			return
+			return c.errorReply(req, errInval, "read beyond the end of the export: "+where())
 		}
-		if length > int64(c.maxBlock) {
-			c.replyError(req, errInval, fmt.Sprintf("read of %d bytes exceeds maximum block size %d", length, c.maxBlock))
-			return
+		if req.length > c.maxBlock {
+			return c.errorReply(req, errInval, fmt.Sprintf("read of %d bytes exceeds the maximum block size %d", length, c.maxBlock))
 		}
+		// Read before sending anything: a simple reply cannot take an
+		// error back once its header is on the wire.
 		buf := getBuf(int(length))
-		defer putBuf(buf)
 		if _, err := c.dev.ReadAt(buf, off); err != nil {
-			c.replyErr(req, err)
-			return
+			putBuf(buf)
+			return c.deviceError(req, err)
 		}
-		c.replyRead(req, buf)
+		if !c.sess.structured {
+			return simpleReply(req.cookie, 0, buf, true)
+		}
+		var prefix [8]byte
+		binary.BigEndian.PutUint64(prefix[:], req.offset)
+		return chunkReply(req.cookie, replyTypeOffsetData, prefix[:], buf, true)
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if caps.ReadOnly {
-			c.replyError(req, errPerm, "export is read-only")
-			return
+			return c.errorReply(req, errPerm, "export is read-only")
 		}
 		if !inRange {
-			c.replyError(req, errNoSpc, fmt.Sprintf("write beyond end of device (offset %d length %d size %d)", off, length, size))
-			return
+			// The protocol asks for ENOSPC on writes past the end.
+			return c.errorReply(req, errNoSpc, "write beyond the end of the export: "+where())
 		}
 		var err error
 		switch req.typ {
@@ -139,40 +194,37 @@ func (c *conn) handle(req request, payload []byte) {
 			err = c.dev.Trim(off, length)
 		case cmdWriteZeroes:
 			if req.flags&cmdFlagFastZero != 0 && !caps.FastZero {
-				c.replyError(req, errNotSup, "fast zero not supported")
-				return
+				return c.errorReply(req, errNotSup, "fast zeroing is not supported by this export")
 			}
+			// NO_HOLE needs no special case: WriteZeroes leaves the range
+			// allocated (Trim is what deallocates).
 			err = c.dev.WriteZeroes(off, length)
 		}
 		if err == nil && req.flags&cmdFlagFUA != 0 {
 			err = c.dev.Flush()
 		}
-		c.replyStatus(req, err)
+		return c.statusReply(req, err)
 	case cmdFlush:
-		c.replyStatus(req, c.dev.Flush())
+		return c.statusReply(req, c.dev.Flush())
 	case cmdCache:
 		if !inRange {
-			c.replyError(req, errInval, "cache request beyond end of device")
-			return
+			return c.errorReply(req, errInval, "cache request beyond the end of the export: "+where())
 		}
-		c.replyStatus(req, c.dev.Prefetch(off, length))
+		return c.statusReply(req, c.dev.Prefetch(off, length))
 	case cmdBlockStatus:
 		if !c.sess.structured || !c.sess.metaCtx {
-			c.replyError(req, errInval, "block status needs structured replies and base:allocation")
-			return
+			return c.errorReply(req, errInval, "block status needs structured replies and the base:allocation context")
 		}
 		if !inRange || length == 0 {
-			c.replyError(req, errInval, "block status range outside device")
-			return
+			return c.errorReply(req, errInval, "block status outside the export: "+where())
 		}
 		ext, err := c.dev.BlockStatus(off, length)
 		if err != nil {
-			c.replyErr(req, err)
-			return
+			return c.deviceError(req, err)
 		}
-		c.replyBlockStatus(req, ext)
+		return c.blockStatusReply(req, ext)
 	default:
-		c.replyError(req, errInval, fmt.Sprintf("unknown command %d", req.typ))
+		return c.errorReply(req, errInval, fmt.Sprintf("unknown command %d", req.typ))
 	}
 }
 
@@ -184,6 +236,7 @@ func (c *conn) errno(err error) uint32 {
 	case errors.Is(err, blockdev.ErrOutOfRange), errors.Is(err, blockdev.ErrInvalid):
 		return errInval
 	case errors.Is(err, blockdev.ErrUnsupported):
+		// ENOTSUP is only defined for clients that negotiated structured replies.
 		if c.sess.structured {
 			return errNotSup
 		}
@@ -194,28 +247,26 @@ func (c *conn) errno(err error) uint32 {
 	return errIO
 }
 
-func (c *conn) replyErr(req request, err error) {
+func (c *conn) deviceError(req request, err error) reply {
 	code := c.errno(err)
 	if code == errIO {
 		c.log.WithError(err).WithField("request", req.String()).Warn("nbd: I/O error")
 	}
-	c.replyError(req, code, err.Error())
+	return c.errorReply(req, code, err.Error())
 }
 
-func (c *conn) replyStatus(req request, err error) {
+func (c *conn) statusReply(req request, err error) reply {
 	if err != nil {
-		c.replyErr(req, err)
-		return
+		return c.deviceError(req, err)
 	}
-	c.replySimple(req.cookie, 0, nil)
+	return simpleReply(req.cookie, 0, nil, false)
 }
 
-// replyError uses a structured error chunk (which carries the message) when
-// negotiated, a simple reply otherwise.
-func (c *conn) replyError(req request, code uint32, msg string) {
+// errorReply carries the message in a structured error chunk when the
+// client negotiated them; a simple reply has room for the code only.
+func (c *conn) errorReply(req request, code uint32, msg string) reply {
 	if !c.sess.structured {
-		c.replySimple(req.cookie, code, nil)
-		return
+		return simpleReply(req.cookie, code, nil, false)
 	}
 	if len(msg) > 4096 {
 		msg = msg[:4096]
@@ -224,24 +275,17 @@ func (c *conn) replyError(req request, code uint32, msg string) {
 	binary.BigEndian.PutUint32(p[0:], code)
 	binary.BigEndian.PutUint16(p[4:], uint16(len(msg)))
 	copy(p[6:], msg)
-	c.replyChunk(req.cookie, replyTypeError, nil, p)
+	return chunkReply(req.cookie, replyTypeError, nil, p, false)
 }
 
-func (c *conn) replyRead(req request, data []byte) {
-	if !c.sess.structured {
-		c.replySimple(req.cookie, 0, data)
-		return
-	}
-	var off [8]byte
-	binary.BigEndian.PutUint64(off[:], req.offset)
-	c.replyChunk(req.cookie, replyTypeOffsetData, off[:], data)
-}
-
-func (c *conn) replyBlockStatus(req request, ext []blockdev.Extent) {
-	p := make([]byte, 4, 4+8*len(ext))
-	binary.BigEndian.PutUint32(p, baseAllocationID)
+// blockStatusReply merges neighbouring extents with equal flags and, with
+// REQ_ONE, sends only the first.
+func (c *conn) blockStatusReply(req request, ext []blockdev.Extent) reply {
+	p := binary.BigEndian.AppendUint32(make([]byte, 0, 4+8*len(ext)), baseAllocationID)
 	var pending blockdev.Extent
-	flushExtent := func() {
+	emit := func() {
+		// Extent lengths are 32 bits; the request length is too, so a
+		// well-behaved device never needs more than one piece.
 		for pending.Length > 0 {
 			n := min(pending.Length, int64(1<<32-4096))
 			p = binary.BigEndian.AppendUint32(p, uint32(n))
@@ -257,83 +301,15 @@ func (c *conn) replyBlockStatus(req request, ext []blockdev.Extent) {
 			pending.Length += e.Length
 			continue
 		}
-		flushExtent()
+		emit()
 		pending = e
 	}
-	flushExtent()
+	emit()
 	if len(p) == 4 {
-		c.replyError(req, errIO, "device described no extent")
-		return
+		return c.errorReply(req, errIO, "the device described no extent")
 	}
 	if req.flags&cmdFlagReqOne != 0 {
 		p = p[:12]
 	}
-	c.replyChunk(req.cookie, replyTypeBlockStatus, nil, p)
-}
-
-func (c *conn) replySimple(cookie uint64, code uint32, data []byte) {
-	var h [16]byte
-	binary.BigEndian.PutUint32(h[0:], magicSimple)
-	binary.BigEndian.PutUint32(h[4:], code)
-	binary.BigEndian.PutUint64(h[8:], cookie)
-	c.send(h[:], nil, data)
-}
-
-// replyChunk sends one structured chunk with the DONE flag.
-func (c *conn) replyChunk(cookie uint64, typ uint16, prefix, data []byte) {
-	var h [20]byte
-	binary.BigEndian.PutUint32(h[0:], magicStructured)
-	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
-	binary.BigEndian.PutUint16(h[6:], typ)
-	binary.BigEndian.PutUint64(h[8:], cookie)
-	binary.BigEndian.PutUint32(h[16:], uint32(len(prefix)+len(data)))
-	c.send(h[:], prefix, data)
-}
-
-// send writes one reply. Under load several replies share one flush (one
-// write syscall): whoever brings the count of waiting senders to zero
-// flushes, so no reply is left in the buffer.
-func (c *conn) send(h, prefix, data []byte) {
-	c.waiting.Add(1)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.w.Write(h)
-	c.w.Write(prefix)
-	c.w.Write(data)
-	if c.waiting.Add(-1) == 0 {
-		if err := c.w.Flush(); err != nil {
-			c.shutdown()
-		}
-	}
-}
-
-// Buffers come from per-power-of-two pools so a busy connection does not
-// allocate per request.
-var bufPools [26]sync.Pool
-
-func poolIndex(n int) int {
-	if n <= 4096 {
-		return 0
-	}
-	return bits.Len(uint(n-1)) - 12
-}
-
-func getBuf(n int) []byte {
-	i := poolIndex(n)
-	if i >= len(bufPools) {
-		return make([]byte, n)
-	}
-	if b, ok := bufPools[i].Get().(*[]byte); ok {
-		return (*b)[:n]
-	}
-	return make([]byte, n, 4096<<i)
-}
-
-func putBuf(b []byte) {
-	i := poolIndex(cap(b))
-	if i >= len(bufPools) || cap(b) != 4096<<i {
-		return
-	}
-	b = b[:cap(b)]
-	bufPools[i].Put(&b)
+	return chunkReply(req.cookie, replyTypeBlockStatus, nil, p, false)
 }

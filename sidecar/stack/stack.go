@@ -18,6 +18,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
 	"github.com/vmthunder/vmthunder/sidecar/layer/writethrough"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
 )
 
 // Mode is the writable layer on top of the stack.
@@ -205,7 +206,11 @@ func DeriveBaseID(spec origin.Spec) (string, error) {
 		return "", fmt.Errorf("%w: a cache over connection_info needs a base id", blockdev.ErrInvalid)
 	}
 	key := spec.URL
-	if u, err := url.Parse(spec.URL); err == nil && u.Scheme != "" {
+	if is, err := iscsi.ParseURL(spec.URL); err == nil && len(is.Portals) > 0 {
+		// The target and LUN name the volume; the portal and the
+		// credentials do not (and the password must not reach a file name).
+		key = fmt.Sprintf("iscsi/%s/%d", is.Portals[0].IQN, is.Portals[0].LUN)
+	} else if u, err := url.Parse(spec.URL); err == nil && u.Scheme != "" {
 		u.User = nil
 		key = u.String()
 	} else if abs, err := filepath.Abs(spec.URL); err == nil {

@@ -35,13 +35,14 @@ type vmReport struct {
 	GuestRead   int64   `json:"guest_read_bytes"`
 	// OriginBytes: baseline, what the target sent to this guest (its own
 	// meter); vmthunder, the origin bytes the daemon charges to the export
-	// (the chunk fills its reads caused).
-	OriginBytes int64 `json:"origin_bytes"`
+	// (the chunk fills its reads caused). Absent when the daemon does not
+	// report the export's own figure.
+	OriginBytes *int64 `json:"origin_bytes,omitempty"`
 	// CacheBytes: the daemon's cache_hit_bytes, guest-read bytes served
 	// from the cache file (chunks this guest had filled included).
-	CacheBytes int64 `json:"cache_bytes"`
-	ReadBytes  int64 `json:"export_read_bytes,omitempty"`
-	WriteBytes int64 `json:"export_write_bytes,omitempty"`
+	CacheBytes *int64 `json:"cache_bytes,omitempty"`
+	ReadBytes  int64  `json:"export_read_bytes,omitempty"`
+	WriteBytes int64  `json:"export_write_bytes,omitempty"`
 }
 
 type report struct {
@@ -71,6 +72,11 @@ type report struct {
 	MeanBootBaseline float64        `json:"mean_boot_seconds_baseline"`
 	MeanBootOurs     float64        `json:"mean_boot_seconds_vmthunder"`
 	NodeStats        map[string]any `json:"node_stats,omitempty"`
+	// When every export reports the shared base's counters instead of its
+	// own, the per-guest split is unknown: these are the base's totals.
+	BaseOriginBytes   int64  `json:"base_origin_bytes"`
+	BaseCacheHitBytes int64  `json:"base_cache_hit_bytes"`
+	StatsNote         string `json:"stats_note,omitempty"`
 }
 
 var t0 = time.Now()
@@ -170,8 +176,9 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 		return err
 	}
 	for i, r := range res {
+		sent := meters[i].Sent()
 		rep.Baseline = append(rep.Baseline, vmReport{Name: r.Name, Path: "baseline-iscsi", BootSeconds: r.BootTime.Seconds(),
-			GuestRead: r.Bytes, OriginBytes: meters[i].Sent()})
+			GuestRead: r.Bytes, OriginBytes: &sent})
 		rep.BaselineTargetBytes += meters[i].Sent()
 	}
 
@@ -200,16 +207,45 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 		return fmt.Errorf("%w\ndaemon log:\n%s", err, d.LogTail(20))
 	}
 	rep.OursTargetBytes = origin.Meter.Sent() - before
-	for i, r := range res {
-		st, err := d.GetExport(exports[i].ID)
+	stats := make([]e2e.ExportStats, n)
+	for i := range res {
+		ex, err := d.GetExport(exports[i].ID)
 		if err != nil {
 			return err
 		}
-		rep.Ours = append(rep.Ours, vmReport{Name: r.Name, Path: "vmthunder", BootSeconds: r.BootTime.Seconds(), GuestRead: r.Bytes,
-			OriginBytes: st.Stats.OriginBytes, CacheBytes: st.Stats.CacheHitBytes, ReadBytes: st.Stats.ReadBytes, WriteBytes: st.Stats.WriteBytes})
+		stats[i] = ex.Stats
 	}
 	if s, err := d.Stats(); err == nil {
 		rep.NodeStats = s
+	}
+	// Exports of one base that all report the same cache counters, adding
+	// up to more than the node fetched, are showing the base's counters.
+	var sum int64
+	same := true
+	for _, st := range stats {
+		sum += st.OriginBytes
+		same = same && st.OriginBytes == stats[0].OriginBytes && st.CacheHitBytes == stats[0].CacheHitBytes
+	}
+	nodeOrigin, _ := rep.NodeStats["origin_bytes"].(float64)
+	baseWide := n > 1 && same && nodeOrigin > 0 && float64(sum) > nodeOrigin*1.01
+	rep.BaseOriginBytes, rep.BaseCacheHitBytes = stats[0].OriginBytes, stats[0].CacheHitBytes
+	if baseWide {
+		rep.StatsNote = "the daemon reports the shared base's origin/cache counters on every export, so the per-guest split is not known; see base_origin_bytes, base_cache_hit_bytes"
+	} else {
+		rep.BaseOriginBytes, rep.BaseCacheHitBytes = 0, 0
+		for _, st := range stats {
+			rep.BaseOriginBytes += st.OriginBytes
+			rep.BaseCacheHitBytes += st.CacheHitBytes
+		}
+	}
+	for i, r := range res {
+		v := vmReport{Name: r.Name, Path: "vmthunder", BootSeconds: r.BootTime.Seconds(), GuestRead: r.Bytes,
+			ReadBytes: stats[i].ReadBytes, WriteBytes: stats[i].WriteBytes}
+		if !baseWide {
+			o, c := stats[i].OriginBytes, stats[i].CacheHitBytes
+			v.OriginBytes, v.CacheBytes = &o, &c
+		}
+		rep.Ours = append(rep.Ours, v)
 	}
 	for _, ex := range exports {
 		if err := d.DeleteExport(ex.ID); err != nil {
@@ -284,12 +320,22 @@ func printTable(r *report) {
 	fmt.Printf("%-30s %-15s %8s %14s %14s %14s\n", "VM", "path", "boot s", "from origin", "from cache", "guest read")
 	rows := append(append([]vmReport{}, r.Baseline...), r.Ours...)
 	sort.SliceStable(rows, func(i, j int) bool { return rows[i].Path < rows[j].Path })
+	opt := func(b *int64) string {
+		if b == nil {
+			return "(base-wide)"
+		}
+		return mib(*b)
+	}
 	for _, v := range rows {
 		cache := "-"
 		if v.Path == "vmthunder" {
-			cache = mib(v.CacheBytes)
+			cache = opt(v.CacheBytes)
 		}
-		fmt.Printf("%-30s %-15s %8.1f %14s %14s %14s\n", v.Name, v.Path, v.BootSeconds, mib(v.OriginBytes), cache, mib(v.GuestRead))
+		fmt.Printf("%-30s %-15s %8.1f %14s %14s %14s\n", v.Name, v.Path, v.BootSeconds, opt(v.OriginBytes), cache, mib(v.GuestRead))
+	}
+	fmt.Printf("%-30s %-15s %8s %14s %14s %14s\n", fmt.Sprintf("all %d vmthunder guests", r.VMs), "vmthunder", "", mib(r.BaseOriginBytes), mib(r.BaseCacheHitBytes), "")
+	if r.StatsNote != "" {
+		fmt.Printf("note: %s\n", r.StatsNote)
 	}
 	fmt.Println()
 	fmt.Printf("image %s; one boot's working set (target bytes per baseline guest) %s = %.1f%% of the image\n",

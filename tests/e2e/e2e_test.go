@@ -159,8 +159,12 @@ func TestColdWarmBootCOW(t *testing.T) {
 	if got, want := BlockText(b), guestimage.WriteMarker+" cold"; got != want {
 		t.Fatalf("the cold guest's export reads %q at the write offset, want %q", got, want)
 	}
-	if err := e.node.Remove("cold"); err != nil {
-		t.Fatal(err)
+	// The cold guest's export stays (it is attached to a stopped VM), so
+	// the warm one shares the live base cache; the stand-in cannot share.
+	if e.node.Kind() != "daemon" {
+		if err := e.node.Remove("cold"); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	warm, err := e.node.Export("warm", "cow")
@@ -179,6 +183,13 @@ func TestColdWarmBootCOW(t *testing.T) {
 		if st.CacheHitBytes < image.BootReadBytes/2 {
 			t.Fatalf("warm export reports %d cache-hit bytes for a boot that read %d", st.CacheHitBytes, image.BootReadBytes)
 		}
+		// docs/api.md: stats are the export's own, so a boot that fetched
+		// nothing shows (near) zero origin bytes even while another export
+		// of the base that did the fetching is still open.
+		if limit := max(int64(2<<20), coldSent/20); st.OriginBytes > limit {
+			// Errorf: the checks below still say whether the data path is right.
+			t.Errorf("warm export reports %d origin bytes, but the target sent %d during its boot: the export's stats are not its own (base-wide?)", st.OriginBytes, warmSent)
+		}
 	}
 	b, err = ReadNBD(warm.Socket, warm.ExportName, image.WriteOffset, 64)
 	if err != nil {
@@ -187,8 +198,13 @@ func TestColdWarmBootCOW(t *testing.T) {
 	if got, want := BlockText(b), guestimage.WriteMarker+" warm"; got != want {
 		t.Fatalf("the warm guest's export reads %q at the write offset, want %q (another guest's write leaked?)", got, want)
 	}
-	if err := e.node.Remove("warm"); err != nil {
-		t.Fatal(err)
+	for _, id := range []string{"cold", "warm"} {
+		if e.node.Kind() != "daemon" && id == "cold" {
+			continue
+		}
+		if err := e.node.Remove(id); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if got, _ := image.ReadWriteBlock(e.origin.File); got != "" {
 		t.Fatalf("the base LUN holds a guest's write: %q", got)
