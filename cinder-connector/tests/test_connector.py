@@ -1,4 +1,5 @@
-"""The connector against a running sidecar with a tgtd origin, through real os-brick."""
+"""The connector through real os-brick, against a running sidecar (`vmthunder
+daemon`) whose origin is a LUN served by a private tgtd."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 from os_brick import exception
 from os_brick.initiator import initiator_connector
+from os_brick.initiator.connectors.base import BaseLinuxConnector
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import pyharness  # noqa: E402
@@ -33,68 +35,138 @@ def conn(env):
     return VMThunderConnector(socket_path=sidecar.api_socket)
 
 
+def run(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def grow_lun(tgt, size):
+    """Extend the Cinder volume: tgtd reads a file LUN's size when the LUN
+    is made, so grow the file and make the LUN again."""
+    os.truncate(tgt.backing, size)
+    tgt._adm("--mode", "logicalunit", "--op", "delete", "--tid", "1", "--lun", "1")
+    tgt._adm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", tgt.backing)
+
+
 def test_is_a_real_os_brick_connector(conn):
-    from os_brick.initiator.connectors.base import BaseLinuxConnector
     assert isinstance(conn, BaseLinuxConnector)
     assert initiator_connector.InitiatorConnector in type(conn).__mro__
+    assert conn.get_search_path() is None
 
 
-def test_connect_read_extend_disconnect(env, conn):
+def test_connect_read_write_extend_disconnect(env, conn):
     tgt, _ = env
     props = tgt.connection_info("vol-1", chap=CHAP)
     info = conn.connect_volume(props)
     assert info["type"] == "nbd"
-    assert info["uri"].startswith("nbd+unix:///vol-1?socket=")
+    assert info["export_name"] == "vol-1"
+    assert info["path"] == info["uri"] == f"nbd+unix:///vol-1?socket={info['socket']}"
     assert os.path.exists(info["socket"])
     # A client nobody here wrote reads the export: byte for byte the LUN.
-    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", tgt.backing, info["uri"]],
-                   check=True, capture_output=True)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", tgt.backing, info["uri"])
     assert conn.get_volume_paths(props) == [info["uri"]]
     assert conn.check_valid_device(info["uri"])
+    assert not conn.check_valid_device(info["uri"] + "x")
     assert info["uri"] in conn.get_all_available_volumes()
-    # A retried attach returns the same export.
+    # A retried attach answers the same export.
     assert conn.connect_volume(props)["uri"] == info["uri"]
-    # Writes go through to the LUN (write-through for a Cinder volume).
-    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush", info["uri"]],
-                   check=True, capture_output=True)
+    # Write-through (a Cinder volume): a flushed write is on the LUN.
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush", info["uri"])
     with open(tgt.backing, "rb") as f:
         f.seek(1 << 20)
         assert f.read(65536) == b"\x5a" * 65536
-    # Extend re-reads the size from the target.
+    # Unchanged volume: extend answers the same size.
     size = os.path.getsize(tgt.backing)
     assert conn.extend_volume(props) == size
+    # Cinder extended the volume: extend answers the new size and the export
+    # serves it, the new end included.
+    grow_lun(tgt, size + (16 << 20))
+    assert conn.extend_volume(props) == size + (16 << 20)
+    assert f"({size + (16 << 20)} bytes)" in run("qemu-img", "info", "-f", "raw", info["uri"])
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x6b {size + (8 << 20)} 64k", "-c", "flush",
+        info["uri"])
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", tgt.backing, info["uri"])
     # Nova passes no device_info on detach.
     conn.disconnect_volume(props, None)
     assert not os.path.exists(info["socket"])
     assert conn.get_volume_paths(props) == []
+    assert info["uri"] not in conn.get_all_available_volumes()
     conn.disconnect_volume(props, None)  # idempotent
 
 
-def test_bad_chap_becomes_brick_exception_with_sidecar_message(env, conn):
+def test_readonly_attachment_and_fixed_export_id(env):
+    tgt, sidecar = env
+    c = VMThunderConnector(socket_path=sidecar.api_socket, export_id="fixed-id")
+    props = tgt.connection_info("vol-ro", chap=CHAP)
+    props["access_mode"] = "ro"
+    info = c.connect_volume(props)
+    assert info["export_name"] == "fixed-id"
+    assert c.client.get_export("fixed-id")["mode"] == "readonly"
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4k", info["uri"]],
+                       capture_output=True, text=True, timeout=60)
+    assert "wrote" not in r.stdout, r.stdout
+    c.disconnect_volume({}, None)
+    assert not os.path.exists(info["socket"])
+
+
+def test_socket_from_environment(env, monkeypatch):
+    _, sidecar = env
+    monkeypatch.setenv("VMTHUNDER_SOCKET", sidecar.api_socket)
+    c = VMThunderConnector()
+    assert c.client.socket_path == sidecar.api_socket
+    explicit = VMThunderConnector(socket_path=sidecar.api_socket)
+    assert c.get_all_available_volumes() == explicit.get_all_available_volumes()
+
+
+def test_bad_chap_is_a_login_failure_with_the_sidecar_message(env, conn):
     tgt, _ = env
     props = tgt.connection_info("vol-badchap", chap=("brickuser", "wrong"))
-    with pytest.raises(exception.BrickException) as e:
+    with pytest.raises(exception.FailedISCSITargetPortalLogin) as e:
         conn.connect_volume(props)
     assert "authentication" in str(e.value)
-    assert "wrong" not in str(e.value)
+    assert "wrong" not in str(e.value)  # the password stays secret
+    assert conn.get_volume_paths(props) == []
 
 
-def test_unreachable_portal_and_missing_volume_id(env, conn):
+def test_sidecar_errors_become_os_brick_exceptions(env, conn):
     tgt, _ = env
-    props = tgt.connection_info("vol-noportal")
+    props = tgt.connection_info("vol-noportal", chap=CHAP)
     props["target_portal"] = f"127.0.0.1:{pyharness.free_port()}"
-    with pytest.raises(exception.BrickException) as e:
+    with pytest.raises(exception.TargetPortalNotFound) as e:
         conn.connect_volume(props)
-    assert "unreachable" in str(e.value) or "refused" in str(e.value)
-    with pytest.raises(exception.BrickException):
+    assert "unreachable" in str(e.value) and props["target_portal"] in str(e.value)
+
+    props = tgt.connection_info("vol-notarget", chap=CHAP)
+    props["target_iqn"] += "-missing"
+    with pytest.raises(exception.TargetPortalNotFound) as e:
+        conn.connect_volume(props)
+    assert "target not found" in str(e.value)
+
+    props = tgt.connection_info("vol-nolun", chap=CHAP)
+    props["target_lun"] = 7
+    with pytest.raises(exception.VolumeDeviceNotFound) as e:
+        conn.connect_volume(props)
+    assert "LUN not found" in str(e.value)
+
+    with pytest.raises(exception.InvalidParameterValue) as e:
+        conn.connect_volume(tgt.connection_info("bad id/", chap=CHAP))
+    assert 'invalid id "bad id/"' in str(e.value)
+
+    with pytest.raises(exception.VolumeDeviceNotFound) as e:
+        conn.extend_volume({"volume_id": "never-attached"})
+    assert 'no export "never-attached"' in str(e.value)
+
+    with pytest.raises(exception.InvalidParameterValue) as e:
         conn.connect_volume({"target_portal": "x"})
+    assert "volume_id" in str(e.value)
 
 
 def test_connector_properties_name_the_initiator(env):
     _, sidecar = env
     props = VMThunderConnector.get_connector_properties("sudo", vmthunder_socket=sidecar.api_socket)
-    assert props["initiator"].startswith("iqn.")
+    info = VMThunderConnector(socket_path=sidecar.api_socket).client.info()
+    assert props["initiator"] == info["initiator"] and props["initiator"].startswith("iqn.")
     assert props["vmthunder_socket"] == sidecar.api_socket
+    assert props["vmthunder_host"] == info["host"]
 
 
 def test_sidecar_down_is_a_clear_error(tmp_path):
@@ -102,4 +174,8 @@ def test_sidecar_down_is_a_clear_error(tmp_path):
     with pytest.raises(exception.BrickException) as e:
         c.connect_volume({"volume_id": "v", "target_portal": "127.0.0.1:1", "target_iqn": "iqn.x",
                           "target_lun": 1})
-    assert "cannot reach the sidecar" in str(e.value)
+    assert "cannot reach the sidecar" in str(e.value) and str(tmp_path) in str(e.value)
+    with pytest.raises(exception.BrickException):
+        c.disconnect_volume({"volume_id": "v"}, None)
+    c.disconnect_volume({"volume_id": "v"}, None, ignore_errors=True)
+    assert not c.check_valid_device("nbd+unix:///v")

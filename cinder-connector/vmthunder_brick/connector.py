@@ -2,7 +2,7 @@
 
 The sidecar reads the target in user space and serves the volume as an NBD
 export on a unix socket; this class only translates os-brick calls into API
-calls. Nothing here touches the data.
+calls (docs/api.md). Nothing here touches the data.
 """
 
 import os
@@ -14,47 +14,69 @@ from vmthunder_brick.client import SidecarClient, SidecarError, default_socket
 
 INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 
+# Sidecar error codes (docs/api.md) that mean the request itself was wrong.
+_INVALID_CODES = ("bad_json", "unknown_field", "missing_field", "invalid", "bad_origin")
 
-def export_id(connection_properties):
+
+def export_id(connection_properties, fixed_id=None):
     """The export id: Cinder's volume id, which Nova also passes on detach."""
-    vid = connection_properties.get("volume_id") or connection_properties.get("serial")
+    vid = (fixed_id or connection_properties.get("vmthunder_export_id")
+           or connection_properties.get("volume_id") or connection_properties.get("serial"))
     if not vid:
-        raise exception.BrickException(
-            message="vmthunder: connection properties carry no volume_id (needed as the export id)"
-        )
+        raise exception.InvalidParameterValue(
+            err="vmthunder: connection properties carry no volume_id (needed as the export id)")
     return str(vid)
 
 
-def _brick_error(err, volume_id=None):
-    """Map a sidecar answer onto the os-brick exception callers expect."""
+def brick_error(err, volume_id=None):
+    """Map a sidecar answer onto the os-brick exception callers expect,
+    keeping the sidecar's own message (it names the cause)."""
+    msg = f"vmthunder export {volume_id}: {err}" if volume_id else str(err)
     if err.status == 404:
-        return exception.VolumeDeviceNotFound(device=f"vmthunder export {volume_id}: {err.message}")
-    if err.code == "unreachable":
-        return exception.BrickException(message=str(err))
-    if "portal" in err.message or "unreachable" in err.message:
-        return exception.TargetPortalNotFound(target_portal=err.message)
-    return exception.BrickException(message=str(err))
+        return exception.VolumeDeviceNotFound(device=msg)
+    if err.code in _INVALID_CODES:
+        return exception.InvalidParameterValue(err=msg)
+    if err.code == "origin_error":
+        text = err.message.lower()
+        if "authentication" in text or "login failed" in text:
+            return exception.FailedISCSITargetPortalLogin(message=msg)
+        if "unreachable" in text or "target not found" in text or "timeout" in text:
+            return exception.TargetPortalNotFound(message=msg)
+        if "lun not found" in text:
+            return exception.VolumeDeviceNotFound(message=msg)
+    return exception.BrickException(message=msg)
 
 
 class VMThunderConnector(base.BaseLinuxConnector):
-    """Attach volumes as VMThunder NBD exports (write-through)."""
+    """Attach volumes as VMThunder NBD exports.
 
-    mode = "write-through"
+    socket_path: the sidecar's API socket (default $VMTHUNDER_SOCKET or
+    /run/vmthunder/api.sock). export_id: a fixed export id instead of the
+    volume id. mode: the export mode for read-write attachments (a Cinder
+    volume is write-through: nothing acknowledged may live only here).
+    """
 
-    def __init__(self, root_helper="sudo", driver=None, execute=None, socket_path=None,
-                 *args, **kwargs):
+    def __init__(self, root_helper="sudo", driver=None, execute=None, *args,
+                 socket_path=None, export_id=None, mode="write-through", **kwargs):
         super().__init__(root_helper, driver=driver, execute=execute, *args, **kwargs)
         self.client = SidecarClient(socket_path)
+        self.export_id = export_id
+        self.mode = mode
+
+    def _id(self, connection_properties):
+        return export_id(connection_properties, self.export_id)
 
     @staticmethod
     def get_connector_properties(root_helper, *args, **kwargs):
+        """What Cinder needs to export a volume to this node: the initiator
+        name the sidecar logs in with, and where the sidecar listens."""
         props = {"vmthunder_socket": kwargs.get("vmthunder_socket") or default_socket()}
         try:
             info = SidecarClient(props["vmthunder_socket"], timeout=5).info()
             props["initiator"] = info.get("initiator")
             props["vmthunder_host"] = info.get("host")
         except SidecarError:
-            pass
+            pass  # sidecar down: the iSCSI initiator file still names the node
         if not props.get("initiator") and os.path.exists(INITIATOR_FILE):
             with open(INITIATOR_FILE) as f:
                 for line in f:
@@ -63,10 +85,10 @@ class VMThunderConnector(base.BaseLinuxConnector):
         return {k: v for k, v in props.items() if v}
 
     def get_search_path(self):
-        return None
+        return None  # exports are sockets, not entries in a /dev directory
 
     @staticmethod
-    def _device_info(export):
+    def device_info(export):
         return {
             "type": "nbd",
             "path": export["uri"],
@@ -78,52 +100,61 @@ class VMThunderConnector(base.BaseLinuxConnector):
 
     def get_volume_paths(self, connection_properties):
         try:
-            return [self.client.get_export(export_id(connection_properties))["uri"]]
+            return [self.client.get_export(self._id(connection_properties))["uri"]]
         except SidecarError as e:
             if e.status == 404:
                 return []
-            raise _brick_error(e) from e
+            raise brick_error(e) from e
 
     def get_all_available_volumes(self, connection_properties=None):
         try:
             return [e["uri"] for e in self.client.list_exports()]
         except SidecarError as e:
-            raise _brick_error(e) from e
+            raise brick_error(e) from e
 
     def check_valid_device(self, path, run_as_root=True):
         try:
-            return any(e["uri"] == path and e.get("state", "ready") == "ready"
-                       for e in self.client.list_exports())
+            return any(e["uri"] == path for e in self.client.list_exports())
         except SidecarError:
             return False
 
     def connect_volume(self, connection_properties):
-        vid = export_id(connection_properties)
-        request = {"id": vid, "mode": self.mode, "connection_info": dict(connection_properties)}
+        vid = self._id(connection_properties)
+        mode = "readonly" if connection_properties.get("access_mode") == "ro" else self.mode
+        request = {"id": vid, "mode": mode, "connection_info": _data(connection_properties)}
         try:
             export = self.client.create_export(request)
         except SidecarError as e:
             if e.status != 409:
-                raise _brick_error(e, vid) from e
-            # Already attached on this node (a retried attach): reuse it.
-            export = self.client.get_export(vid)
-        return self._device_info(export)
+                raise brick_error(e, vid) from e
+            # Already exported on this node (a retried attach, a reboot
+            # rebuilding the XML): reuse it.
+            try:
+                export = self.client.get_export(vid)
+            except SidecarError as e2:
+                raise brick_error(e2, vid) from e2
+        return self.device_info(export)
 
     def disconnect_volume(self, connection_properties, device_info, force=False,
                           ignore_errors=False):
-        vid = export_id(connection_properties)
+        # Nova passes no device_info: the properties name the export.
+        vid = self._id(connection_properties)
         try:
             self.client.delete_export(vid)
         except SidecarError as e:
-            if e.status == 404:
+            if e.status == 404 or ignore_errors:
                 return  # already gone: disconnect is idempotent
-            if ignore_errors:
-                return
-            raise _brick_error(e, vid) from e
+            raise brick_error(e, vid) from e
 
     def extend_volume(self, connection_properties):
-        vid = export_id(connection_properties)
+        vid = self._id(connection_properties)
         try:
             return self.client.refresh_export(vid)["size"]
         except SidecarError as e:
-            raise _brick_error(e, vid) from e
+            raise brick_error(e, vid) from e
+
+
+def _data(props):
+    # Cinder's data dict as is (the sidecar reads the iSCSI keys and ignores
+    # Nova's), minus what the Nova plugin recorded in it after an attach.
+    return {k: v for k, v in props.items() if k not in ("vmthunder", "device_path")}

@@ -1,6 +1,7 @@
-"""The Nova driver against real nova 34 classes and a real libvirtd."""
+"""The Nova driver against real nova 34 classes, a real libvirtd and QEMU,
+and running sidecars over a tgtd origin."""
 
-import grp
+import copy
 import os
 import subprocess
 import uuid
@@ -8,36 +9,54 @@ import uuid
 import pytest
 from lxml import etree
 
-import pyharness
+
+def load_driver():
+    from nova.virt import driver
+
+    return driver.load_compute_driver(None, "vmthunder.VMThunderDriver")
 
 
 def test_nova_loads_the_driver_by_its_short_name(nova_conf):
-    from nova.virt import driver
-
-    d = driver.load_compute_driver(None, "vmthunder.VMThunderDriver")
     from nova.virt.libvirt.driver import LibvirtDriver
 
+    d = load_driver()
     assert isinstance(d, LibvirtDriver)
-    assert type(d).__name__ == "VMThunderDriver"
+    assert type(d).__module__ == "vmthunder_nova.driver"
     assert nova_conf.vmthunder.enabled is True
     assert nova_conf.vmthunder.reconnect_delay == 5
+    assert nova_conf.vmthunder.api_socket == "/run/vmthunder/api.sock"
 
 
 def test_only_iscsi_is_routed(nova_conf):
-    from nova.virt import driver
-    from nova.virt.libvirt.volume.fs import LibvirtBaseFileSystemVolumeDriver  # noqa: F401
+    from nova.virt.libvirt.volume.iscsi import LibvirtISCSIVolumeDriver
+    from nova.virt.libvirt.volume.nfs import LibvirtNFSVolumeDriver
 
     from vmthunder_nova.volume import VMThunderVolumeDriver
 
-    d = driver.load_compute_driver(None, "vmthunder.VMThunderDriver")
+    d = load_driver()
+    assert isinstance(d.volume_drivers["iscsi"], VMThunderVolumeDriver)
     assert isinstance(d._get_volume_driver({"driver_volume_type": "iscsi"}), VMThunderVolumeDriver)
-    assert not isinstance(d._get_volume_driver({"driver_volume_type": "nfs"}), VMThunderVolumeDriver)
+    assert isinstance(d._get_volume_driver({"driver_volume_type": "nfs"}), LibvirtNFSVolumeDriver)
     nova_conf.set_override("enabled", False, group="vmthunder")
     try:
-        d2 = driver.load_compute_driver(None, "vmthunder.VMThunderDriver")
-        assert not isinstance(d2._get_volume_driver({"driver_volume_type": "iscsi"}), VMThunderVolumeDriver)
+        off = load_driver()
+        assert type(off._get_volume_driver({"driver_volume_type": "iscsi"})) is LibvirtISCSIVolumeDriver
     finally:
         nova_conf.clear_override("enabled", group="vmthunder")
+
+
+def nbd_disk(name="vol-1", sock="/run/vmthunder/nbd/vol-1.sock", dev="vdb"):
+    from vmthunder_nova.config import NBDGuestDisk
+
+    disk = NBDGuestDisk()
+    disk.source_device = "disk"
+    disk.driver_name, disk.driver_format, disk.driver_cache = "qemu", "raw", "none"
+    disk.source_name = name
+    disk.source_socket = sock
+    disk.reconnect_delay = 5
+    disk.target_dev, disk.target_bus = dev, "virtio"
+    disk.serial = name
+    return disk
 
 
 def test_nbd_disk_round_trips_and_stock_class_cannot(nova_conf):
@@ -45,23 +64,17 @@ def test_nbd_disk_round_trips_and_stock_class_cannot(nova_conf):
 
     from vmthunder_nova.config import NBDGuestDisk
 
-    disk = NBDGuestDisk()
-    disk.source_device = "disk"
-    disk.driver_name, disk.driver_format, disk.driver_cache = "qemu", "raw", "none"
-    disk.source_name = "vol-1"
-    disk.source_socket = "/run/vmthunder/nbd/vol-1.sock"
-    disk.reconnect_delay = 5
-    disk.target_dev, disk.target_bus = "vdb", "virtio"
-    xml = disk.to_xml()
-    node = etree.fromstring(xml)
-    assert node.get("type") == "network"
+    node = etree.fromstring(nbd_disk().to_xml())
+    assert node.get("type") == "network" and node.get("device") == "disk"
+    assert node.find("driver").attrib == {"name": "qemu", "type": "raw", "cache": "none"}
     src = node.find("source")
     assert src.get("protocol") == "nbd" and src.get("name") == "vol-1"
     assert src.find("host").attrib == {"transport": "unix", "socket": "/run/vmthunder/nbd/vol-1.sock"}
     assert src.find("reconnect").get("delay") == "5"
+    assert node.find("target").attrib == {"dev": "vdb", "bus": "virtio"}
     back = NBDGuestDisk()
     back.parse_dom(node)
-    assert back.source_socket == disk.source_socket and back.reconnect_delay == 5
+    assert back.source_socket == "/run/vmthunder/nbd/vol-1.sock" and back.reconnect_delay == 5
     assert etree.tostring(etree.fromstring(back.to_xml())) == etree.tostring(node)
     # The reason for the subclass: nova's own class cannot format it again.
     stock = vconfig.LibvirtConfigGuestDisk()
@@ -71,123 +84,212 @@ def test_nbd_disk_round_trips_and_stock_class_cannot(nova_conf):
 
 
 DOMAIN = """<domain type='qemu'>
-  <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+  <controller type='scsi' index='0' model='virtio-scsi'/>{disks}</devices>
 </domain>"""
 
 
+class Domain:
+    """A uniquely named domain (others share this libvirtd), always removed."""
+
+    def __init__(self, conn, disks="", doc=None):
+        import libvirt
+
+        self.libvirt = libvirt
+        self.uuid = str(uuid.uuid4())
+        self.name = f"vmt-test-{self.uuid[:8]}"
+        if doc is None:
+            xml = DOMAIN.format(name=self.name, uuid=self.uuid, disks=disks)
+        else:
+            doc.find("name").text, doc.find("uuid").text = self.name, self.uuid
+            xml = etree.tostring(doc).decode()
+        self.dom = conn.defineXML(xml)
+        self.removed = False
+
+    def xml(self, inactive=False):
+        flags = self.libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return etree.fromstring(self.dom.XMLDesc(flags))
+
+    def disk(self, dev, inactive=False):
+        return self.xml(inactive).find(f"./devices/disk/target[@dev='{dev}']/..")
+
+    def capacity(self, dev):
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "domblkinfo", self.name, dev],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        return int(out.split("Capacity:")[1].split()[0])
+
+    def remove(self):
+        if self.removed:
+            return
+        self.removed = True
+        try:
+            self.dom.destroy()
+        except self.libvirt.libvirtError:
+            pass
+        self.dom.undefine()
+
+
 @pytest.fixture
-def sidecar_and_target():
-    work = pyharness.tempdir("vmt-nova-")
-    tgt = pyharness.Tgtd(work)
-    group = "libvirt-qemu"
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        group = "root"
-    sidecar = pyharness.Sidecar(work, socket_group=group)
-    yield tgt, sidecar
-    sidecar.stop()
-    tgt.stop()
-    pyharness.rmtree(work)
+def domains(libvirt_conn):
+    made = []
+
+    def make(disks="", doc=None):
+        made.append(Domain(libvirt_conn, disks, doc))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.remove()
 
 
-def test_attach_boot_detach_with_real_libvirtd(nova_conf, libvirt_conn, sidecar_and_target):
-    import libvirt
-    from nova.virt import driver
-    from nova.virt.libvirt.guest import Guest
+def instance_for(dom):
+    from nova import objects
 
-    from vmthunder_brick import VMThunderConnector
-    from vmthunder_nova.volume import VMThunderVolumeDriver
+    class Instance(objects.Instance):
+        def save(self, *a, **kw):
+            pass  # no nova database here; attach_volume saves device metadata
 
-    tgt, sidecar = sidecar_and_target
+    return Instance(uuid=dom.uuid, system_metadata={}, flavor=objects.Flavor(extra_specs={}),
+                    image_ref="", host="localhost")
+
+
+def driver_for(nova_conf, sidecar):
     nova_conf.set_override("api_socket", sidecar.api_socket, group="vmthunder")
     try:
-        drv = driver.load_compute_driver(None, "vmthunder.VMThunderDriver")
-        vol_id = str(uuid.uuid4())
-        connection_info = {"driver_volume_type": "iscsi", "serial": vol_id,
-                           "data": tgt.connection_info(vol_id)}
-        del connection_info["data"]["volume_id"]  # nova gives the id as serial
-        voldrv = drv._get_volume_driver(connection_info)
-        assert isinstance(voldrv, VMThunderVolumeDriver)
-        assert isinstance(voldrv.connector, VMThunderConnector)
-        voldrv.connect_volume(connection_info, None)
-        assert connection_info["data"]["device_path"].startswith(f"nbd+unix:///{vol_id}?socket=")
-        conf = voldrv.get_config(connection_info, {"dev": "vdb", "bus": "virtio", "type": "disk"})
-
-        name = f"vmt-nova-{uuid.uuid4().hex[:8]}"
-        dom = libvirt_conn.defineXML(DOMAIN.format(name=name))
-        try:
-            dom.create()
-            guest = Guest(dom)
-            # Attach live and persistent: QEMU connects to the sidecar's socket.
-            guest.attach_device(conf, persistent=True, live=True)
-            live = etree.fromstring(dom.XMLDesc(0))
-            disk = live.find("./devices/disk/target[@dev='vdb']/..")
-            assert disk is not None, "libvirt did not keep the disk"
-            assert disk.find("source/host").get("socket") == sidecar_socket(connection_info)
-            # Our XML asks for reconnect; libvirt 9.0 (Debian 12) has no
-            # <reconnect> for NBD disks yet and drops it, newer ones keep it.
-            assert etree.fromstring(conf.to_xml()).find("source/reconnect").get("delay") == "5"
-            # QEMU really opened the export: it knows the LUN's size.
-            out = subprocess.run(["virsh", "-c", "qemu:///system", "domblkinfo", name, "vdb"],
-                                 capture_output=True, text=True, check=True).stdout
-            assert f"Capacity:       {os.path.getsize(tgt.backing)}" in out, out
-
-            # A guest without an OS never acks an ACPI unplug, so stop it and
-            # detach from the persistent definition, through the driver's
-            # own lookup (what detach_volume uses) and nova's Guest.
-            dom.destroy()
-            dev = drv._get_guest_disk_device(guest, "vdb", volume_uuid=vol_id,
-                                             from_persistent_config=True)
-            assert type(dev).__name__ == "NBDGuestDisk"
-            assert dev.source_socket == sidecar_socket(connection_info)
-            guest.detach_device(dev, persistent=True, live=False)
-            inactive = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            assert inactive.find("./devices/disk") is None, "persistent detach failed"
-        finally:
-            try:
-                dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            dom.undefine()
-        voldrv.disconnect_volume(connection_info, None)
-        assert not os.path.exists(sidecar_socket(connection_info))
+        drv = load_driver()
     finally:
         nova_conf.clear_override("api_socket", group="vmthunder")
+    # The only stub: device metadata comes from nova's database.
+    drv._build_device_metadata = lambda ctx, inst: None
+    return drv
 
 
-def sidecar_socket(connection_info):
-    return connection_info["data"]["vmthunder"]["socket"]
+def connection_info(tgt):
+    """What Cinder's LVM/tgt backend hands Nova: the volume id is the serial."""
+    vol_id = str(uuid.uuid4())
+    data = tgt.connection_info(vol_id)
+    data.update(access_mode="rw", encrypted=False, qos_specs=None)
+    del data["volume_id"]
+    return {"driver_volume_type": "iscsi", "serial": vol_id, "data": data}
 
 
-def test_live_migration_xml_keeps_the_unix_socket(nova_conf):
-    from nova import objects
+def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
+    """LibvirtDriver.attach_volume / detach_volume, unchanged nova code,
+    with our volume driver underneath and a running QEMU."""
+    from nova import context
+
+    tgt, src, _ = node
+    drv = driver_for(nova_conf, src)
+    ci = connection_info(tgt)
+    vol_id = ci["serial"]
+    dom = domains()
+    dom.dom.create()
+    inst = instance_for(dom)
+    ctx = context.get_admin_context()
+
+    drv.attach_volume(ctx, ci, inst, "/dev/sdb", disk_bus="scsi", device_type="disk",
+                      encryption={})
+    info = ci["data"]["vmthunder"]
+    assert info["export_name"] == vol_id
+    assert os.path.exists(info["socket"])
+    for inactive in (False, True):
+        disk = dom.disk("sdb", inactive)
+        assert disk is not None, "libvirt did not keep the disk"
+        assert disk.get("type") == "network"
+        assert disk.find("source").get("protocol") == "nbd"
+        assert disk.find("source").get("name") == vol_id
+        assert disk.find("source/host").attrib == {"transport": "unix", "socket": info["socket"]}
+        assert disk.findtext("serial") == vol_id
+    # QEMU opened the export through the sidecar: it knows the LUN's size.
+    assert dom.capacity("sdb") == os.path.getsize(tgt.backing)
+
+    # Nova finds the disk (by alias, then re-parsed by the plugin), detaches
+    # it from the live domain (a SCSI disk needs no guest cooperation) and
+    # the persistent config, then disconnects the volume.
+    drv.detach_volume(ctx, ci, inst, "/dev/sdb", encryption={})
+    assert dom.disk("sdb") is None and dom.disk("sdb", inactive=True) is None
+    assert not os.path.exists(info["socket"])
+    assert drv.volume_drivers["iscsi"].connector.get_volume_paths({"volume_id": vol_id}) == []
+    # A second detach (nova retries after errors) finds nothing and is fine.
+    drv.detach_volume(ctx, ci, inst, "/dev/sdb", encryption={})
+
+
+def test_boot_migrate_and_detach(nova_conf, node, domains):
+    """A domain defined with the volume at boot, its XML rewritten for a live
+    migration to another node's sidecar, then the persistent detach."""
+    from nova import context, objects
     from nova.virt.libvirt import migration
+    from nova.virt.libvirt.guest import Guest
 
     from vmthunder_nova.config import NBDGuestDisk
+    from vmthunder_nova.driver import find_nbd_disk
 
-    def get_volume_config(connection_info, disk_info):
-        d = NBDGuestDisk()
-        d.source_device = "disk"
-        d.driver_name, d.driver_format = "qemu", "raw"
-        d.source_name = "vol-9"
-        d.source_socket = "/run/vmthunder/nbd/vol-9.sock"
-        d.reconnect_delay = 5
-        d.target_dev, d.target_bus = disk_info["dev"], disk_info["bus"]
-        d.serial = "vol-9"
-        return d
+    tgt, src, dst = node
+    drv = driver_for(nova_conf, src)
+    ci = connection_info(tgt)
+    vol_id = ci["serial"]
+    disk_info = {"dev": "vdb", "bus": "virtio", "type": "disk"}
 
-    src_xml = """<domain><devices><disk type='network' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source protocol='nbd' name='vol-9'><host transport='unix' socket='/old/vol-9.sock'/></source>
-      <target dev='vdb' bus='virtio'/><serial>vol-9</serial></disk></devices></domain>"""
-    bdm = objects.LibvirtLiveMigrateBDMInfo(serial="vol-9", bus="virtio", dev="vdb", type="disk",
-                                            connection_info={"driver_volume_type": "iscsi", "data": {}})
+    # Boot: nova connects the volume, then builds the disk from its config.
+    drv._connect_volume(None, ci, None, encryption={})
+    conf = drv._get_volume_config(ci, disk_info)
+    assert isinstance(conf, NBDGuestDisk)
+    dom = domains(conf.to_xml())
+    dom.dom.create()
+    assert dom.capacity("vdb") == os.path.getsize(tgt.backing)
+    found = find_nbd_disk(Guest(dom.dom), "vdb")
+    assert found.source_socket == ci["data"]["vmthunder"]["socket"]
+    assert found.source_name == vol_id
+
+    # Live migration: the destination connected the volume through its own
+    # sidecar in pre_live_migration and returned its connection_info; the
+    # source rewrites the domain XML with it.
+    dst_ci = copy.deepcopy(ci)
+    del dst_ci["data"]["vmthunder"]
+    dst_drv = driver_for(nova_conf, dst)
+    dst_drv._connect_volume(None, dst_ci, None, encryption={})
+    dst_socket = dst_ci["data"]["vmthunder"]["socket"]
+    assert dst_socket != ci["data"]["vmthunder"]["socket"]
+    bdm = objects.LibvirtLiveMigrateBDMInfo(serial=vol_id, bus="virtio", dev="vdb", type="disk",
+                                            connection_info=dst_ci)
     data = objects.LibvirtLiveMigrateData(bdms=[bdm])
-    doc = migration._update_volume_xml(etree.fromstring(src_xml), data, None, get_volume_config)
-    host = doc.find("./devices/disk/source/host")
-    assert host.get("transport") == "unix"
-    assert host.get("socket") == "/run/vmthunder/nbd/vol-9.sock"
-    assert doc.find("./devices/disk/source/reconnect").get("delay") == "5"
+    new = migration._update_volume_xml(dom.xml(), data, None, drv._get_volume_config)
+    host = new.find("./devices/disk/source/host")
+    assert host.attrib == {"transport": "unix", "socket": dst_socket}
+    assert new.find("./devices/disk/source").get("name") == vol_id
+    # The destination's libvirtd must accept the rewritten XML and its QEMU
+    # open the destination's export: run it as a second domain here (a live
+    # domain's XML names its security labels: leave those to libvirt).
+    for el in new.findall("seclabel"):
+        new.remove(el)
+    migrated = domains(doc=new)
+    migrated.dom.create()
+    assert migrated.capacity("vdb") == os.path.getsize(tgt.backing)
+    migrated.remove()
+    dst_drv._disconnect_volume(None, dst_ci, None, encryption={})
+    assert not os.path.exists(dst_socket)
+
+    # Detach from a stopped guest: only the persistent config changes.
+    dom.dom.destroy()
+    drv.detach_volume(context.get_admin_context(), ci, instance_for(dom), "/dev/vdb",
+                      encryption={})
+    assert dom.disk("vdb", inactive=True) is None
+    assert not os.path.exists(ci["data"]["vmthunder"]["socket"])
+
+
+def test_xml_is_rebuilt_from_saved_connection_info(nova_conf, node):
+    """After a restart of nova-compute the saved connection_info still names
+    the export; without the record the plugin asks the sidecar again."""
+    tgt, src, _ = node
+    drv = driver_for(nova_conf, src)
+    ci = connection_info(tgt)
+    drv._connect_volume(None, ci, None, encryption={})
+    saved = copy.deepcopy(ci)
+    first = drv._get_volume_config(saved, {"dev": "vdc", "bus": "virtio", "type": "disk"})
+    del saved["data"]["vmthunder"]
+    again = drv._get_volume_config(saved, {"dev": "vdc", "bus": "virtio", "type": "disk"})
+    assert again.to_xml() == first.to_xml()
+    drv._disconnect_volume(None, ci, None, encryption={})
+    drv._disconnect_volume(None, ci, None, encryption={})  # idempotent

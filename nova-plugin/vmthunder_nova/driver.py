@@ -1,4 +1,4 @@
-"""VMThunderDriver: nova's LibvirtDriver with volumes routed through the sidecar."""
+"""VMThunderDriver: nova's LibvirtDriver with iSCSI volumes served by the sidecar."""
 
 from lxml import etree
 from nova import conf as nova_conf
@@ -9,22 +9,20 @@ from vmthunder_nova import conf, config, volume
 CONF = nova_conf.CONF
 conf.register(CONF)
 
-ROUTED_TYPES = ("iscsi",)
-
 
 class VMThunderDriver(libvirt_driver.LibvirtDriver):
-    def _get_volume_driver(self, connection_info):
-        if CONF.vmthunder.enabled and connection_info.get("driver_volume_type") in ROUTED_TYPES:
-            drv = self.volume_drivers.get("vmthunder")
-            if drv is None:
-                drv = self.volume_drivers["vmthunder"] = volume.VMThunderVolumeDriver(self._host)
-            return drv
-        return super()._get_volume_driver(connection_info)
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi, read_only)
+        if CONF.vmthunder.enabled:
+            # Nova fills volume_drivers lazily, per driver_volume_type, from
+            # its own table; an entry set here is used instead.
+            self.volume_drivers["iscsi"] = volume.VMThunderVolumeDriver(self._host)
 
     def _get_guest_disk_device(self, guest, disk_dev, volume_uuid=None,
                                from_persistent_config=False):
-        """Nova parses disks with the stock class, which cannot format a
-        unix-socket NBD source again: re-parse ours with NBDGuestDisk."""
+        """Nova parses the guest's disks with the stock class, which cannot
+        format a unix-socket NBD source again (detach formats the device it
+        found): re-parse such a disk with NBDGuestDisk."""
         dev = super()._get_guest_disk_device(guest, disk_dev, volume_uuid=volume_uuid,
                                              from_persistent_config=from_persistent_config)
         if dev is None or getattr(dev, "source_protocol", None) != "nbd":
@@ -33,13 +31,12 @@ class VMThunderDriver(libvirt_driver.LibvirtDriver):
 
 
 def find_nbd_disk(guest, target_dev, from_persistent_config=False):
-    import libvirt
-
-    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if from_persistent_config else 0
-    doc = etree.fromstring(guest._domain.XMLDesc(flags))
+    """The NBDGuestDisk for target_dev in a nova Guest's XML, or None."""
+    doc = etree.fromstring(guest.get_xml_desc(dump_inactive=from_persistent_config))
     for node in doc.findall("./devices/disk"):
         target = node.find("target")
-        if target is not None and target.get("dev") == target_dev and config.NBDGuestDisk.is_unix_nbd(node):
+        if (target is not None and target.get("dev") == target_dev
+                and config.NBDGuestDisk.is_unix_nbd(node)):
             disk = config.NBDGuestDisk()
             disk.parse_dom(node)
             return disk

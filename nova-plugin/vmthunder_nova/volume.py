@@ -11,18 +11,25 @@ CONF = nova_conf.CONF
 
 def _properties(connection_info):
     props = dict(connection_info.get("data") or {})
-    props.setdefault("volume_id", connection_info.get("serial"))
+    if not props.get("volume_id") and connection_info.get("serial"):
+        props["volume_id"] = connection_info["serial"]
     return props
 
 
 class VMThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
+    """Registered for driver_volume_type 'iscsi' by VMThunderDriver."""
+
     def __init__(self, host, connector=None):
         super().__init__(host, is_block_dev=False)
         self.connector = connector or VMThunderConnector(socket_path=CONF.vmthunder.api_socket)
 
     def connect_volume(self, connection_info, instance):
         device_info = self.connector.connect_volume(_properties(connection_info))
-        connection_info["data"]["device_path"] = device_info["path"]
+        # Nova saves connection_info in the BDM after an attach: the export
+        # is then known when XML is rebuilt (reboot, live migration, where
+        # the destination's connection_info carries its own export). No
+        # device_path: an NBD URI is not a host block device, and nova
+        # would use it as one (extend, encryptors).
         connection_info["data"]["vmthunder"] = device_info
 
     def disconnect_volume(self, connection_info, instance, force=False):
@@ -35,9 +42,10 @@ class VMThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
         conf = config.NBDGuestDisk.from_disk(super().get_config(connection_info, disk_info))
         info = connection_info["data"].get("vmthunder")
         if info is None:
-            # Nova rebuilds XML (reboot, migration) from the saved
-            # connection_info; ask the sidecar if the export was not recorded.
+            # An attachment made before the plugin recorded its export:
+            # connecting is idempotent and answers the existing export.
             info = self.connector.connect_volume(_properties(connection_info))
+            connection_info["data"]["vmthunder"] = info
         conf.source_name = info["export_name"]
         conf.source_socket = info["socket"]
         conf.reconnect_delay = CONF.vmthunder.reconnect_delay or None

@@ -182,14 +182,17 @@ func validateOrigin(origin string, ci map[string]any) (map[string]any, error) {
 		if err != nil {
 			return nil, err
 		}
-		if _, err := iscsi.ParseConnectionInfo(ci); err != nil {
+		s, err := iscsi.ParseConnectionInfo(ci)
+		if err != nil {
 			return nil, BadRequest(CodeBadOrigin, "%v", err)
 		}
-		return ci, nil
+		return ci, checkIQNs(s)
 	case strings.HasPrefix(origin, "iscsi://"):
-		if _, err := iscsi.ParseURL(origin); err != nil {
+		s, err := iscsi.ParseURL(origin)
+		if err != nil {
 			return nil, BadRequest(CodeBadOrigin, "%v", err)
 		}
+		return nil, checkIQNs(s)
 	case strings.Contains(origin, "://"):
 		return nil, BadRequest(CodeBadOrigin, "origin %q: unsupported URL scheme (want an absolute path or iscsi://)", iscsi.Redact(origin))
 	case !filepath.IsAbs(origin) || strings.ContainsRune(origin, 0):
@@ -226,3 +229,56 @@ func DescribeOrigin(origin string, ci map[string]any) string {
 	}
 	return iscsi.Redact(origin)
 }
+
+func checkIQNs(s iscsi.Spec) error {
+	for _, p := range s.Portals {
+		if err := ValidIQN(p.IQN); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ValidIQN checks an iSCSI name (RFC 3720 3.2.6.3): iqn.YYYY-MM.naming-
+// authority[:anything], eui. with 16 hex digits, or naa. with 16 or 32.
+// Refusing a malformed name here answers 400 at once instead of a login
+// that fails after a network round trip.
+func ValidIQN(name string) error {
+	bad := func(why string) error {
+		return BadRequest(CodeBadOrigin, "bad target IQN %q: %s", name, why)
+	}
+	lower := strings.ToLower(name)
+	switch {
+	case len(name) > 223:
+		return bad("longer than 223 bytes")
+	case strings.HasPrefix(lower, "iqn."):
+		rest := lower[4:]
+		if len(rest) < 9 || !isDigits(rest[0:4]) || rest[4] != '-' || !isDigits(rest[5:7]) || rest[7] != '.' {
+			return bad("want iqn.YYYY-MM.reversed.domain[:name]")
+		}
+		auth, _, _ := strings.Cut(rest[8:], ":")
+		if auth == "" || strings.Trim(auth, "abcdefghijklmnopqrstuvwxyz0123456789.-") != "" {
+			return bad("naming authority must be a reversed domain name")
+		}
+		for _, c := range rest {
+			if c <= ' ' || c == '/' || c > '~' {
+				return bad("contains a space, a slash or a non-ASCII character")
+			}
+		}
+		return nil
+	case strings.HasPrefix(lower, "eui."):
+		if len(lower) != 20 || !isHex(lower[4:]) {
+			return bad("want eui. and 16 hex digits")
+		}
+		return nil
+	case strings.HasPrefix(lower, "naa."):
+		if (len(lower) != 20 && len(lower) != 36) || !isHex(lower[4:]) {
+			return bad("want naa. and 16 or 32 hex digits")
+		}
+		return nil
+	}
+	return bad("want an iqn., eui. or naa. name")
+}
+
+func isDigits(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }
+func isHex(s string) bool    { return s != "" && strings.Trim(s, "0123456789abcdef") == "" }

@@ -85,7 +85,7 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 		}
 		var b [10 + 124]byte
 		binary.BigEndian.PutUint64(b[0:], uint64(e.dev.Size()))
-		binary.BigEndian.PutUint16(b[8:], e.transmissionFlags())
+		binary.BigEndian.PutUint16(b[8:], e.transmissionFlags(sess.structured))
 		n := len(b)
 		if noZeroes {
 			n = 10
@@ -127,7 +127,7 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 		if e == nil {
 			return false, replyErr(repErrUnknown, fmt.Sprintf("unknown export %q", name))
 		}
-		if err := writeInfos(w, opt, e, name, infos); err != nil {
+		if err := writeInfos(w, opt, e, sess.structured, name, infos); err != nil {
 			return false, err
 		}
 		if err := reply(repAck, nil); err != nil {
@@ -168,11 +168,11 @@ func parseInfoRequest(d []byte) (name string, infos []uint16, ok bool) {
 
 // writeInfos always sends INFO_EXPORT and INFO_BLOCK_SIZE (clients that did
 // not ask ignore it), plus NAME/DESCRIPTION when asked.
-func writeInfos(w *bufio.Writer, opt uint32, e *export, name string, asked []uint16) error {
+func writeInfos(w *bufio.Writer, opt uint32, e *export, structured bool, name string, asked []uint16) error {
 	exp := make([]byte, 12)
 	binary.BigEndian.PutUint16(exp[0:], infoExport)
 	binary.BigEndian.PutUint64(exp[2:], uint64(e.dev.Size()))
-	binary.BigEndian.PutUint16(exp[10:], e.transmissionFlags())
+	binary.BigEndian.PutUint16(exp[10:], e.transmissionFlags(structured))
 	if err := writeOptReply(w, opt, repInfo, exp); err != nil {
 		return err
 	}

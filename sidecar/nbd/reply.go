@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"net"
+	"runtime"
 	"sync"
 )
 
@@ -51,17 +52,12 @@ func (c *conn) writeLoop() {
 	failed := false
 	for r := range c.replies {
 		batch = append(batch[:0], r)
-	gather:
-		for len(batch) < maxBatch {
-			select {
-			case r, ok := <-c.replies:
-				if !ok {
-					break gather
-				}
-				batch = append(batch, r)
-			default:
-				break gather
-			}
+		c.gather(&batch)
+		if len(batch) < maxBatch && c.pending.Load() > int32(len(batch)) {
+			// Other requests are running: let them finish first so
+			// their replies share this write.
+			runtime.Gosched()
+			c.gather(&batch)
 		}
 		if !failed {
 			iov = iov[:0]
@@ -78,11 +74,27 @@ func (c *conn) writeLoop() {
 				c.shutdown()
 			}
 		}
+		c.pending.Add(-int32(len(batch)))
 		for i := range batch {
 			if batch[i].pooled {
 				putBuf(batch[i].data)
 			}
 			batch[i] = reply{}
+		}
+	}
+}
+
+// gather adds the replies already queued to batch, without waiting.
+func (c *conn) gather(batch *[]reply) {
+	for len(*batch) < maxBatch {
+		select {
+		case r, ok := <-c.replies:
+			if !ok {
+				return
+			}
+			*batch = append(*batch, r)
+		default:
+			return
 		}
 	}
 }

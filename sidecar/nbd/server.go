@@ -1,7 +1,7 @@
 // Package nbd is VMThunder's NBD server: fixed newstyle handshake,
 // structured replies with base:allocation, and every transmission command,
 // serving blockdev.Devices by export name. Requests on one connection run
-// concurrently; one lock serialises the replies.
+// concurrently; one goroutine per connection writes the replies.
 package nbd
 
 import (
@@ -11,6 +11,7 @@ import (
 	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
@@ -19,7 +20,8 @@ import (
 // MaxInFlight bounds concurrent requests per connection.
 const MaxInFlight = 64
 
-// defaultMaxBlock is the largest request we accept when the device sets none.
+// defaultMaxBlock is the largest request we accept when the device sets
+// none: the protocol's recommended 32 MiB.
 const defaultMaxBlock = 32 << 20
 
 // Server serves exports over any number of listeners.
@@ -29,7 +31,12 @@ type Server struct {
 	mu        sync.Mutex
 	exports   map[string]*export
 	listeners map[net.Listener]struct{}
+	pending   map[net.Conn]struct{} // connections still negotiating
 	closed    bool
+
+	connections atomic.Int64
+	inFlight    atomic.Int64
+	requests    atomic.Uint64
 }
 
 type export struct {
@@ -39,18 +46,34 @@ type export struct {
 	removed     bool
 }
 
+// Stats are a server's counters.
+type Stats struct {
+	Connections int64  // clients in the transmission phase
+	InFlight    int64  // requests being served
+	Requests    uint64 // requests answered since the start
+}
+
 // NewServer returns a server with no exports.
 func NewServer(log logrus.FieldLogger) *Server {
 	if log == nil {
 		log = logrus.StandardLogger()
 	}
-	return &Server{log: log, exports: map[string]*export{}, listeners: map[net.Listener]struct{}{}}
+	return &Server{log: log, exports: map[string]*export{},
+		listeners: map[net.Listener]struct{}{}, pending: map[net.Conn]struct{}{}}
 }
 
-// Add makes dev available as export name.
+// Stats returns the current counters.
+func (s *Server) Stats() Stats {
+	return Stats{Connections: s.connections.Load(), InFlight: s.inFlight.Load(), Requests: s.requests.Load()}
+}
+
+// Add makes dev available as export name ("" is the default export).
 func (s *Server) Add(name string, dev blockdev.Device) error {
 	if len(name) > 4096 {
 		return fmt.Errorf("nbd: export name longer than 4096 bytes")
+	}
+	if dev == nil {
+		return fmt.Errorf("nbd: export %q has no device", name)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -61,9 +84,9 @@ func (s *Server) Add(name string, dev blockdev.Device) error {
 	return nil
 }
 
-// Remove withdraws an export: new clients cannot open it, connected
-// clients are cut off once their in-flight requests are answered. The
-// device is not closed.
+// Remove withdraws an export: new clients cannot open it, and connected
+// clients are cut off once their in-flight requests are answered. It
+// returns when they are gone. The device is not closed.
 func (s *Server) Remove(name string) error {
 	s.mu.Lock()
 	e, ok := s.exports[name]
@@ -78,13 +101,11 @@ func (s *Server) Remove(name string) error {
 		conns = append(conns, c)
 	}
 	s.mu.Unlock()
-	for _, c := range conns {
-		c.shutdown()
-	}
+	stopAll(conns)
 	return nil
 }
 
-// Serve accepts connections on l until l is closed.
+// Serve accepts connections on l until l is closed (then it returns nil).
 func (s *Server) Serve(l net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
@@ -110,28 +131,48 @@ func (s *Server) Serve(l net.Listener) error {
 			}
 			return err
 		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			nc.Close()
+			return nil
+		}
+		s.pending[nc] = struct{}{}
+		s.mu.Unlock()
 		go s.serveConn(nc)
 	}
 }
 
-// Close stops every listener and cuts every connection.
+// Close stops every listener, cuts every client once its in-flight
+// requests are answered, and returns when they are gone. Devices are not
+// closed.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
-	var conns []*conn
 	for l := range s.listeners {
 		l.Close()
 	}
+	for nc := range s.pending {
+		nc.Close()
+	}
+	var conns []*conn
 	for _, e := range s.exports {
 		for c := range e.conns {
 			conns = append(conns, c)
 		}
 	}
 	s.mu.Unlock()
+	stopAll(conns)
+	return nil
+}
+
+func stopAll(conns []*conn) {
 	for _, c := range conns {
 		c.shutdown()
 	}
-	return nil
+	for _, c := range conns {
+		<-c.done
+	}
 }
 
 func (s *Server) lookup(name string) *export {
@@ -154,39 +195,45 @@ func (s *Server) names() []string {
 func (s *Server) serveConn(nc net.Conn) {
 	defer nc.Close()
 	log := s.log.WithField("remote", nc.RemoteAddr().String())
-	r := bufio.NewReaderSize(nc, 256<<10)
-	w := bufio.NewWriterSize(nc, 256<<10)
-	sess, err := s.handshake(r, w)
+	r := bufio.NewReaderSize(nc, 64<<10)
+	sess, err := s.handshake(r, bufio.NewWriterSize(nc, 4<<10))
+	s.mu.Lock()
+	delete(s.pending, nc)
+	if err == nil && (sess.export.removed || s.closed) {
+		err = errors.New("nbd: export withdrawn during the handshake")
+	}
 	if err != nil {
+		s.mu.Unlock()
 		if !errors.Is(err, errAborted) {
-			log.WithError(err).Debug("nbd handshake ended")
+			log.WithError(err).Debug("nbd: handshake ended")
 		}
 		return
 	}
-	c := newConn(nc, r, w, sess, log)
-	s.mu.Lock()
-	if sess.export.removed || s.closed {
-		s.mu.Unlock()
-		return
-	}
+	c := newConn(s, nc, r, sess, log)
 	sess.export.conns[c] = struct{}{}
 	s.mu.Unlock()
+
+	s.connections.Add(1)
 	c.serve()
+	s.connections.Add(-1)
 	s.mu.Lock()
 	delete(sess.export.conns, c)
 	s.mu.Unlock()
+	nc.Close()
+	close(c.done)
 }
 
-func (e *export) transmissionFlags() uint16 {
+// transmissionFlags are what the export supports, from its device's caps.
+func (e *export) transmissionFlags(structured bool) uint16 {
 	c := e.dev.Caps()
-	f := uint16(flagHasFlags | flagSendDF)
+	f := uint16(flagHasFlags)
+	if structured {
+		f |= flagSendDF // we never fragment a read, so DF is free
+	}
 	if c.ReadOnly {
 		f |= flagReadOnly
 	} else {
-		f |= flagSendFUA
-		if c.Flush {
-			f |= flagSendFlush
-		}
+		f |= flagSendFUA // FUA is a Flush after the write
 		if c.Trim {
 			f |= flagSendTrim
 		}
@@ -197,7 +244,7 @@ func (e *export) transmissionFlags() uint16 {
 			}
 		}
 	}
-	if c.ReadOnly && c.Flush {
+	if c.Flush {
 		f |= flagSendFlush
 	}
 	if c.Prefetch {
@@ -209,20 +256,20 @@ func (e *export) transmissionFlags() uint16 {
 	return f
 }
 
-func (e *export) blockSizes() (min, pref, max uint32) {
+// blockSizes are the device's constraints with the protocol's defaults
+// filled in.
+func (e *export) blockSizes() (minBlock, preferred, maxBlock uint32) {
 	c := e.dev.Caps()
-	min, pref, max = c.MinBlock, c.PreferredBlock, c.MaxBlock
-	if min == 0 {
-		min = 1
+	minBlock, preferred, maxBlock = c.MinBlock, c.PreferredBlock, c.MaxBlock
+	if minBlock == 0 {
+		minBlock = 1
 	}
-	if pref == 0 {
-		pref = 4096
+	if preferred == 0 {
+		preferred = 4096
 	}
-	if pref < min {
-		pref = min
+	preferred = max(preferred, minBlock, 512)
+	if maxBlock == 0 || maxBlock > defaultMaxBlock {
+		maxBlock = defaultMaxBlock
 	}
-	if max == 0 || max > defaultMaxBlock {
-		max = defaultMaxBlock
-	}
-	return min, pref, max
+	return minBlock, preferred, maxBlock
 }

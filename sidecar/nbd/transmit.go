@@ -36,6 +36,7 @@ type conn struct {
 	running sync.WaitGroup
 
 	replies    chan reply
+	pending    atomic.Int32 // requests read whose replies are not written yet
 	writerDone chan struct{}
 
 	stopping atomic.Bool
@@ -98,6 +99,7 @@ func (c *conn) readLoop() {
 				if _, err := io.CopyN(io.Discard, c.r, int64(req.length)); err != nil {
 					return
 				}
+				c.pending.Add(1)
 				c.replies <- c.errorReply(req, errInval, fmt.Sprintf("write of %d bytes exceeds the maximum block size %d", req.length, c.maxBlock))
 				continue
 			}
@@ -110,6 +112,7 @@ func (c *conn) readLoop() {
 		if req.typ == cmdDisc {
 			return
 		}
+		c.pending.Add(1)
 		c.dispatch(job{req, payload})
 	}
 }
@@ -284,19 +287,19 @@ func (c *conn) blockStatusReply(req request, ext []blockdev.Extent) reply {
 	p := binary.BigEndian.AppendUint32(make([]byte, 0, 4+8*len(ext)), baseAllocationID)
 	var pending blockdev.Extent
 	emit := func() {
-		// Extent lengths are 32 bits; the request length is too, so a
-		// well-behaved device never needs more than one piece.
-		for pending.Length > 0 {
-			n := min(pending.Length, int64(1<<32-4096))
-			p = binary.BigEndian.AppendUint32(p, uint32(n))
+		// The total is at most the 32-bit request length, so it fits.
+		if pending.Length > 0 {
+			p = binary.BigEndian.AppendUint32(p, uint32(pending.Length))
 			p = binary.BigEndian.AppendUint32(p, pending.Flags)
-			pending.Length -= n
 		}
 	}
+	left := int64(req.length) // a faulty layer must not make us describe more
 	for _, e := range ext {
+		e.Length = min(e.Length, left)
 		if e.Length <= 0 {
 			continue
 		}
+		left -= e.Length
 		if pending.Length > 0 && e.Flags == pending.Flags {
 			pending.Length += e.Length
 			continue

@@ -1,8 +1,15 @@
 // Package e2e boots real guests through libvirt/QEMU (TCG) from the
 // sidecar's NBD exports and from the iSCSI target directly, and measures
 // what each boot cost: seconds to the guest's marker, bytes from the
-// origin and from the cache. The tests in this package and the demo
-// (tests/demo) share it.
+// origin and from the cache. The tests in this package, the demo
+// (tests/demo) and bench-boot (tests/e2e/benchboot) share it.
+//
+// The tests run as root and need tgtd, libvirtd (started if not running),
+// qemu-system-x86, qemu-utils, e2fsprogs, busybox-static and a Debian
+// kernel in /boot. They use the daemon of $VMTHUNDER_BIN (or one built
+// from this tree); VMTHUNDER_E2E_STANDIN=export runs them against one
+// `vmthunder export` process per export instead, for work on the data
+// path without the daemon.
 package e2e
 
 import (
@@ -294,7 +301,8 @@ func (l *Lab) BootWith(ctx context.Context, vm *VM, running func()) (*Result, er
 		l.Destroy(vm.Name)
 	}()
 	start := time.Now()
-	dom, err := l.conn.DomainCreateXML(x, 0)
+	// Autodestroy: libvirtd kills the guest if this process dies first.
+	dom, err := l.conn.DomainCreateXML(x, libvirt.DOMAIN_START_AUTODESTROY)
 	if err != nil {
 		return nil, fmt.Errorf("start domain %s: %w", vm.Name, err)
 	}
