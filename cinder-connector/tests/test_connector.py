@@ -12,7 +12,6 @@ from os_brick.initiator.connectors.base import BaseLinuxConnector
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import pyharness  # noqa: E402
-
 from vmthunder_brick import VMThunderConnector  # noqa: E402
 
 CHAP = ("brickuser", "s3cret-pass")
@@ -48,6 +47,10 @@ def grow_lun(tgt, size):
 
 
 def test_is_a_real_os_brick_connector(conn):
+    import vmthunder_brick
+
+    # The pip-installed package is under test, not the source tree.
+    assert "site-packages" in vmthunder_brick.__file__
     assert isinstance(conn, BaseLinuxConnector)
     assert initiator_connector.InitiatorConnector in type(conn).__mro__
     assert conn.get_search_path() is None

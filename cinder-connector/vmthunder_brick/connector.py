@@ -58,7 +58,7 @@ class VMThunderConnector(base.BaseLinuxConnector):
 
     def __init__(self, root_helper="sudo", driver=None, execute=None, *args,
                  socket_path=None, export_id=None, mode="write-through", **kwargs):
-        super().__init__(root_helper, driver=driver, execute=execute, *args, **kwargs)
+        super().__init__(root_helper, driver, execute, *args, **kwargs)
         self.client = SidecarClient(socket_path)
         self.export_id = export_id
         self.mode = mode

@@ -17,7 +17,13 @@ def load_driver():
 
 
 def test_nova_loads_the_driver_by_its_short_name(nova_conf):
+    import nova.virt
+    import nova.virt.vmthunder
     from nova.virt.libvirt.driver import LibvirtDriver
+
+    # pip put the package inside the installed nova, not beside it.
+    assert os.path.dirname(os.path.dirname(nova.virt.vmthunder.__file__)) == \
+        os.path.dirname(nova.virt.__file__)
 
     d = load_driver()
     assert isinstance(d, LibvirtDriver)
@@ -178,7 +184,7 @@ def connection_info(tgt):
 def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
     """LibvirtDriver.attach_volume / detach_volume, unchanged nova code,
     with our volume driver underneath and a running QEMU."""
-    from nova import context
+    from nova import context, exception
 
     tgt, src, _ = node
     drv = driver_for(nova_conf, src)
@@ -204,6 +210,13 @@ def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
         assert disk.findtext("serial") == vol_id
     # QEMU opened the export through the sidecar: it knows the LUN's size.
     assert dom.capacity("sdb") == os.path.getsize(tgt.backing)
+
+    # An online extend is refused before anything changes: QEMU cannot grow
+    # an NBD disk, and a refresh would drop its connection to the sidecar.
+    size = os.path.getsize(tgt.backing)
+    with pytest.raises(exception.ExtendVolumeNotSupported):
+        drv.extend_volume(ctx, ci, inst, size + (8 << 20))
+    assert dom.capacity("sdb") == size
 
     # Nova finds the disk (by alias, then re-parsed by the plugin), detaches
     # it from the live domain (a SCSI disk needs no guest cooperation) and
@@ -242,6 +255,13 @@ def test_boot_migrate_and_detach(nova_conf, node, domains):
     found = find_nbd_disk(Guest(dom.dom), "vdb")
     assert found.source_socket == ci["data"]["vmthunder"]["socket"]
     assert found.source_name == vol_id
+    # What detach_volume looks up: nova finds the disk by its alias with the
+    # stock class, the plugin hands back one that can be formatted again.
+    for persistent in (False, True):
+        dev = drv._get_guest_disk_device(Guest(dom.dom), "vdb", volume_uuid=vol_id,
+                                         from_persistent_config=persistent)
+        assert isinstance(dev, NBDGuestDisk) and dev.source_socket == found.source_socket
+        assert etree.fromstring(dev.to_xml()).find("source/host").get("socket") == found.source_socket
 
     # Live migration: the destination connected the volume through its own
     # sidecar in pre_live_migration and returned its connection_info; the

@@ -36,7 +36,12 @@ class VMThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
         self.connector.disconnect_volume(_properties(connection_info), None, force=force)
 
     def extend_volume(self, connection_info, instance, requested_size):
-        return self.connector.extend_volume(_properties(connection_info))
+        # QEMU's NBD client cannot grow a disk ("Cannot grow NBD nodes"), and
+        # a sidecar refresh re-assembles the export, dropping the running
+        # QEMU's connection. Refuse: nova answers ExtendVolumeNotSupported
+        # and the guest keeps its disk; the connector's extend_volume is for
+        # callers with no running guest.
+        raise NotImplementedError("VMThunder NBD disks cannot grow while attached")
 
     def get_config(self, connection_info, disk_info):
         conf = config.NBDGuestDisk.from_disk(super().get_config(connection_info, disk_info))

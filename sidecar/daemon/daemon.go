@@ -80,7 +80,8 @@ type Daemon struct {
 	metricsSrv *http.Server
 	ctx        context.Context
 	cancel     context.CancelFunc
-	wg         sync.WaitGroup
+	wg         sync.WaitGroup // warm-ups and the retry loop
+	serveWG    sync.WaitGroup // NBD accept loops, which end when their export closes
 
 	// RetryInterval is how often exports that failed to come back after a
 	// restart are tried again.
@@ -211,6 +212,7 @@ func (d *Daemon) Close() error {
 			errs = append(errs, fmt.Errorf("export %s: %w", e.rec.ID, err))
 		}
 	}
+	d.serveWG.Wait()
 	d.lock.Close()
 	d.log.Info("vmthunder daemon stopped")
 	return errors.Join(errs...)
@@ -327,9 +329,9 @@ func (d *Daemon) open(e *export) error {
 		ex.Close()
 		return fmt.Errorf("nbd socket: %w", err)
 	}
-	d.wg.Add(1)
+	d.serveWG.Add(1)
 	go func() {
-		defer d.wg.Done()
+		defer d.serveWG.Done()
 		if err := srv.Serve(ln); err != nil {
 			d.log.WithError(err).WithField("export", r.ID).Error("nbd server stopped")
 		}

@@ -30,7 +30,7 @@ func TestAPIErrors(t *testing.T) {
 		{"POST", "/v1/exports", `{"origin":"` + img + `","mode":"cow"}`, 400, api.CodeMissingField, `"id"`},
 		{"POST", "/v1/exports", `{"id":"x","origin":"` + img + `"}`, 400, api.CodeMissingField, `"mode"`},
 		{"POST", "/v1/exports", `{"id":"x","origin":"` + img + `","mode":"snapshot"}`, 400, api.CodeInvalid, "unknown mode"},
-		{"POST", "/v1/exports", `{"id":"x","origin":"iscsi://127.0.0.1/not-an-iqn/0","mode":"cow"}`, 400, api.CodeBadOrigin, "iscsi"},
+		{"POST", "/v1/exports", `{"id":"x","origin":"iscsi://127.0.0.1/not-an-iqn/0","mode":"cow"}`, 400, api.CodeBadOrigin, "not-an-iqn"},
 		{"POST", "/v1/exports", `{"id":"x","connection_info":{"target_portal":"127.0.0.1:3260","target_iqn":"bogus","target_lun":0},"mode":"cow"}`, 400, api.CodeBadOrigin, "iqn"},
 		{"POST", "/v1/exports", `{"id":"x","origin":"ftp://h/x","mode":"cow"}`, 400, api.CodeBadOrigin, "scheme"},
 		{"POST", "/v1/exports", `{"id":"x","origin":"/nonexistent/img","mode":"cow"}`, 400, api.CodeOriginError, "/nonexistent/img"},

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -223,6 +224,76 @@ func TestRequestsOnOneConnectionOverlap(t *testing.T) {
 		"--iodepth=32", "--number_ios=256", "--size=16m")
 	if el := time.Since(start); el > 256*lat/4 {
 		t.Fatalf("256 reads at QD32 with %v latency took %v: requests are not served concurrently", lat, el)
+	}
+}
+
+func TestRemoveWaitsForInFlightRequests(t *testing.T) {
+	const lat = 300 * time.Millisecond
+	srv := NewServer(logrus.New())
+	dev := memdev.New(1 << 20)
+	copy(dev.Bytes(), "data")
+	if err := srv.Add("a", delay.New(dev, lat, 0)); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	defer srv.Close()
+	c := dialRaw(t, sock, "a")
+	c.send(cmdRead, 0, 9, 0, 4, nil)
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.Stats().InFlight != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("request never in flight: %+v", srv.Stats())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if st := srv.Stats(); st.Connections != 1 {
+		t.Fatalf("stats %+v, want one connection", st)
+	}
+	start := time.Now()
+	if err := srv.Remove("a"); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < lat/2 {
+		t.Fatalf("Remove returned after %v, before the in-flight read (%v) was answered", el, lat)
+	}
+	// The answer arrived, then the connection was closed.
+	if errno, cookie, data := c.reply(4); errno != 0 || cookie != 9 || string(data) != "data" {
+		t.Fatalf("in-flight read: errno %d cookie %d data %q", errno, cookie, data)
+	}
+	if n, err := c.c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after Remove: read %d %v, want EOF", n, err)
+	}
+	if st := srv.Stats(); st.Connections != 0 || st.InFlight != 0 || st.Requests != 1 {
+		t.Fatalf("stats after Remove %+v", st)
+	}
+}
+
+func TestTCPListenerAndCloseEndsServe(t *testing.T) {
+	srv := NewServer(logrus.New())
+	srv.Add("", memdev.New(1<<20))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	out := run(t, "nbdinfo", "nbd://"+l.Addr().String())
+	if !strings.Contains(out, "export-size: 1048576") {
+		t.Fatalf("nbdinfo over TCP:\n%s", out)
+	}
+	srv.Close()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve after Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after Close")
 	}
 }
 

@@ -1,3 +1,5 @@
+//go:build nbdprofile
+
 package nbd
 
 import (

@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -74,6 +75,11 @@ type report struct {
 	NodeStats        map[string]any `json:"node_stats,omitempty"`
 	// When every export reports the shared base's counters instead of its
 	// own, the per-guest split is unknown: these are the base's totals.
+	// Host load when each phase began: other work on a shared host skews
+	// boot times between the phases (not the byte counts).
+	LoadBaseline string `json:"loadavg_at_baseline"`
+	LoadOurs     string `json:"loadavg_at_vmthunder"`
+
 	BaseOriginBytes   int64  `json:"base_origin_bytes"`
 	BaseCacheHitBytes int64  `json:"base_cache_hit_bytes"`
 	StatsNote         string `json:"stats_note,omitempty"`
@@ -103,7 +109,9 @@ func main() {
 	keep := flag.Bool("keep", false, "keep the work directory")
 	timeout := flag.Duration("timeout", 15*time.Minute, "give up after this long")
 	flag.Parse()
-	if err := run(*n, *out, *chunk, *keep, *timeout); err != nil {
+	err := run(*n, *out, *chunk, *keep, *timeout)
+	e2e.Cleanup()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
 	}
@@ -171,6 +179,7 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 			Nonce: fmt.Sprintf("base%d", i), Console: filepath.Join(dir, fmt.Sprintf("baseline-%d.console", i)),
 			Disk: e2e.Disk{ISCSIHost: "127.0.0.1", ISCSIPort: m.Port(), ISCSIIQN: origin.IQN, ISCSILUN: origin.LUN, ISCSIOverlay: ov}}
 	}
+	rep.LoadBaseline = loadavg()
 	res, err := bootAll(ctx, lab, "baseline", vms)
 	if err != nil {
 		return err
@@ -202,6 +211,7 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 			Nonce: fmt.Sprintf("vm%d", i), Console: filepath.Join(dir, fmt.Sprintf("vm-%d.console", i)), Disk: ex.Disk()}
 	}
 	progress("vmthunder: %d copy-on-write exports of base demo-template ready; %d guests boot at once", n, n)
+	rep.LoadOurs = loadavg()
 	res, err = bootAll(ctx, lab, "vmthunder", vms)
 	if err != nil {
 		return fmt.Errorf("%w\ndaemon log:\n%s", err, d.LogTail(20))
@@ -303,6 +313,15 @@ func bootAll(ctx context.Context, lab *e2e.Lab, phase string, vms []*e2e.VM) ([]
 	return res, nil
 }
 
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
+}
+
 func meanBoot(v []vmReport) float64 {
 	s := 0.0
 	for _, r := range v {
@@ -342,7 +361,7 @@ func printTable(r *report) {
 		mib(r.ImageBytes), mib(r.WorkingSetBytes), 100*r.WorkingSetOverImage)
 	fmt.Printf("target sent, %d guests: baseline %s (%.2fx working set), vmthunder %s (%.2fx working set, goal <= 1.2x)\n",
 		r.VMs, mib(r.BaselineTargetBytes), r.BaselineOverWorkingSet, mib(r.OursTargetBytes), r.OursOverWorkingSet)
-	fmt.Printf("vmthunder / baseline origin bytes: %.2f; mean boot: baseline %.1f s, vmthunder %.1f s\n",
-		r.OursOverBaseline, r.MeanBootBaseline, r.MeanBootOurs)
+	fmt.Printf("vmthunder / baseline origin bytes: %.2f; mean boot: baseline %.1f s, vmthunder %.1f s (host load at start: %s / %s)\n",
+		r.OursOverBaseline, r.MeanBootBaseline, r.MeanBootOurs, r.LoadBaseline, r.LoadOurs)
 	fmt.Println()
 }

@@ -43,6 +43,7 @@ func TestMain(m *testing.M) {
 		lab.Close()
 	}
 	os.RemoveAll(root)
+	Cleanup()
 	os.Exit(code)
 }
 

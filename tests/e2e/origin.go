@@ -150,20 +150,27 @@ func buildTool(dir, name, pkg string) (string, error) {
 
 var (
 	tgtupOnce sync.Once
+	tgtupDir  string
 	tgtupPath string
 	tgtupErr  error
 )
+
+// Cleanup removes the tools the harness built for this process.
+func Cleanup() {
+	if tgtupDir != "" {
+		os.RemoveAll(tgtupDir)
+	}
+}
 
 // StartOrigin serves a sparse copy of image (so guests' write-through
 // writes never touch the original) from a private tgtd.
 func StartOrigin(image, dir string) (*Origin, error) {
 	tgtupOnce.Do(func() {
-		tdir, err := os.MkdirTemp("", "vmthunder-e2e-tools-")
-		if err != nil {
-			tgtupErr = err
+		tgtupDir, tgtupErr = os.MkdirTemp("", "vmthunder-e2e-tools-")
+		if tgtupErr != nil {
 			return
 		}
-		tgtupPath, tgtupErr = buildTool(tdir, "tgtup", "./sidecar/internal/tgt/tgtup")
+		tgtupPath, tgtupErr = buildTool(tgtupDir, "tgtup", "./sidecar/internal/tgt/tgtup")
 	})
 	if tgtupErr != nil {
 		return nil, tgtupErr

@@ -44,12 +44,20 @@ class Tgtd:
             f.write(os.urandom(size))
         self.iqn = f"iqn.2026-11.org.vmthunder:test{random.randrange(1 << 30)}"
         self.port = free_port()
+        # Other tests run their own tgtd: take a control port whose socket
+        # nobody has, and make sure the tgtd answering is ours.
         self.control = random.randrange(20000, 32000)
+        while os.path.exists(f"/run/tgtd/socket.{self.control}"):
+            self.control = random.randrange(20000, 32000)
         self.log = open(os.path.join(workdir, "tgtd.log"), "wb")
         self.proc = subprocess.Popen(
             ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self._adm("--mode", "sys", "--op", "show", check=False) == 0, "tgtd")
+        wait_for(lambda: self.proc.poll() is not None
+                 or self._adm("--mode", "sys", "--op", "show", check=False) == 0, "tgtd")
+        time.sleep(0.2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"tgtd exited: {open(self.log.name).read()}")
         self._adm("--mode", "target", "--op", "new", "--tid", "1", "-T", self.iqn)
         self._adm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", self.backing)
         self._adm("--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL")

@@ -98,6 +98,11 @@ func runExport(args []string) error {
 	var l net.Listener
 	where := ""
 	if *socket != "" {
+		// A stale socket from a killed run is replaced; any other file is not.
+		if st, serr := os.Lstat(*socket); serr == nil && st.Mode()&os.ModeSocket == 0 {
+			dev.Close()
+			return fmt.Errorf("--socket %s exists and is not a socket", *socket)
+		}
 		os.Remove(*socket)
 		l, err = net.Listen("unix", *socket)
 		if err == nil {
@@ -123,7 +128,11 @@ func runExport(args []string) error {
 	go func() { done <- srv.Serve(l) }()
 	select {
 	case s := <-sig:
-		log.Infof("export: %v, shutting down", s)
+		log.Infof("export: %v, shutting down (again to exit at once)", s)
+		go func() {
+			<-sig
+			os.Exit(1)
+		}()
 	case err = <-done:
 	}
 	l.Close()

@@ -23,7 +23,9 @@ import (
 func main() {
 	rounds := flag.Int("rounds", 3, "warm boots of each kind (the median is reported)")
 	flag.Parse()
-	if err := run(*rounds); err != nil {
+	err := run(*rounds)
+	e2e.Cleanup()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench-boot: %v\n", err)
 		os.Exit(1)
 	}
