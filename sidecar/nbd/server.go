@@ -24,6 +24,10 @@ const MaxInFlight = 64
 // none: the protocol's recommended 32 MiB.
 const defaultMaxBlock = 32 << 20
 
+// unixSendBuffer is the socket send buffer asked for on unix connections
+// (the kernel caps it at net.core.wmem_max).
+const unixSendBuffer = 4 << 20
+
 // Server serves exports over any number of listeners.
 type Server struct {
 	log logrus.FieldLogger
@@ -208,6 +212,11 @@ func (s *Server) serveConn(nc net.Conn) {
 			log.WithError(err).Debug("nbd: handshake ended")
 		}
 		return
+	}
+	if uc, ok := nc.(*net.UnixConn); ok {
+		// Room for a few large replies: fewer wakeups per MiB sent. TCP
+		// sizes its own buffers.
+		_ = uc.SetWriteBuffer(unixSendBuffer)
 	}
 	c := newConn(s, nc, r, sess, log)
 	sess.export.conns[c] = struct{}{}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,6 +81,12 @@ func (c *conn) serve() {
 func (c *conn) readLoop() {
 	var hdr [requestSize]byte
 	for !c.stopping.Load() {
+		if c.r.Buffered() == 0 && c.pending.Load() > 0 {
+			// Let running requests finish before the read that will
+			// probably find nothing and park: more requests arrive
+			// meanwhile and fewer syscalls are wasted.
+			runtime.Gosched()
+		}
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrDeadlineExceeded) {
 				c.log.WithError(err).Debug("nbd: connection ended")

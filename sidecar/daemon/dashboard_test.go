@@ -1,0 +1,54 @@
+package daemon
+
+import (
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/vmthunder/vmthunder/sidecar/api"
+)
+
+// Every series the Grafana dashboard and the docs name is one the daemon
+// exports.
+func TestDashboardSeriesExist(t *testing.T) {
+	e := newEnv(t, nil)
+	img, _ := e.image("a.raw", 1<<20)
+	x, err := e.c.Create(ctx(t), api.CreateRequest{ID: "vm1", Origin: img, Mode: api.ModeCOW})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nbdRead(t, x.URI)
+	qemuIO(t, x.URI, "write 0 4096", "flush")
+	// One failed request, so the error series has a child.
+	e.d.mu.Lock()
+	top := e.d.exports["vm1"].top
+	e.d.mu.Unlock()
+	if _, err := top.ReadAt(make([]byte, 512), top.Size()); err == nil {
+		t.Fatal("read past the end succeeded")
+	}
+	if _, err := e.c.Warm(ctx(t), x.Base, nil); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := e.d.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, mf := range mfs {
+		have[mf.GetName()] = true
+	}
+	re := regexp.MustCompile(`vmthunder_[a-z_]+`)
+	for _, f := range []string{"../../contrib/grafana/vmthunder.json", "../../docs/api.md"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range re.FindAllString(string(b), -1) {
+			base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")
+			if !have[base] {
+				t.Errorf("%s names %s, which the daemon does not export", f, name)
+			}
+		}
+	}
+}
