@@ -652,8 +652,7 @@ func (d *Daemon) view(e *export) *api.Export {
 		st := &api.ExportStats{ReadOps: c.ReadOps, WriteOps: c.WriteOps, ReadBytes: c.ReadBytes,
 			WriteBytes: c.WriteBytes, Errors: c.Errors}
 		if ref := e.dev.Cache(); ref != nil {
-			cs := ref.Stats()
-			st.CacheHitBytes, st.OriginBytes = cs.BytesFromCache, cs.BytesFromSource
+			st.CacheHitBytes, st.OriginBytes = ref.Tally()
 		}
 		v.Stats = st
 	}

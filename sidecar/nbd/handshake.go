@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 )
 
@@ -17,7 +18,8 @@ var errAborted = errors.New("nbd: client aborted the handshake")
 type session struct {
 	export     *export
 	structured bool
-	metaCtx    bool // base:allocation selected
+	metaCtx    bool   // base:allocation selected
+	metaExport string // the export it was selected for
 }
 
 // handshake runs fixed newstyle negotiation until the client picks an export.
@@ -134,6 +136,8 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 			return false, err
 		}
 		if opt == optGo {
+			// Contexts chosen for another export do not carry over.
+			sess.metaCtx = sess.metaCtx && sess.metaExport == name
 			sess.export = e
 			return true, nil
 		}
@@ -167,7 +171,7 @@ func parseInfoRequest(d []byte) (name string, infos []uint16, ok bool) {
 }
 
 // writeInfos always sends INFO_EXPORT and INFO_BLOCK_SIZE (clients that did
-// not ask ignore it), plus NAME/DESCRIPTION when asked.
+// not ask ignore it), plus INFO_NAME when asked. We have no description.
 func writeInfos(w *bufio.Writer, opt uint32, e *export, structured bool, name string, asked []uint16) error {
 	exp := make([]byte, 12)
 	binary.BigEndian.PutUint16(exp[0:], infoExport)
@@ -176,29 +180,18 @@ func writeInfos(w *bufio.Writer, opt uint32, e *export, structured bool, name st
 	if err := writeOptReply(w, opt, repInfo, exp); err != nil {
 		return err
 	}
-	min, pref, max := e.blockSizes()
+	minBlock, preferred, maxBlock := e.blockSizes()
 	bs := make([]byte, 14)
 	binary.BigEndian.PutUint16(bs[0:], infoBlockSize)
-	binary.BigEndian.PutUint32(bs[2:], min)
-	binary.BigEndian.PutUint32(bs[6:], pref)
-	binary.BigEndian.PutUint32(bs[10:], max)
+	binary.BigEndian.PutUint32(bs[2:], minBlock)
+	binary.BigEndian.PutUint32(bs[6:], preferred)
+	binary.BigEndian.PutUint32(bs[10:], maxBlock)
 	if err := writeOptReply(w, opt, repInfo, bs); err != nil {
 		return err
 	}
-	for _, typ := range asked {
-		var text string
-		switch typ {
-		case infoName:
-			text = name
-		case infoDescription:
-			text = e.description
-		default:
-			continue
-		}
-		b := make([]byte, 2+len(text))
-		binary.BigEndian.PutUint16(b, typ)
-		copy(b[2:], text)
-		if err := writeOptReply(w, opt, repInfo, b); err != nil {
+	if slices.Contains(asked, infoName) {
+		b := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(name)), infoName)
+		if err := writeOptReply(w, opt, repInfo, append(b, name...)); err != nil {
 			return err
 		}
 	}
@@ -250,7 +243,7 @@ func (s *Server) metaContext(w *bufio.Writer, sess *session, opt uint32, d []byt
 		}
 	}
 	if opt == optSetMetaContext {
-		sess.metaCtx = match
+		sess.metaCtx, sess.metaExport = match, name
 	}
 	if match {
 		b := make([]byte, 4+len(baseAllocation))

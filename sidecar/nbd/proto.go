@@ -32,10 +32,9 @@ const (
 	repErrUnknown  = repErrBit | 6
 	repErrTooBig   = repErrBit | 9
 
-	infoExport      = 0
-	infoName        = 1
-	infoDescription = 2
-	infoBlockSize   = 3
+	infoExport    = 0
+	infoName      = 1
+	infoBlockSize = 3
 
 	flagHasFlags     = 1 << 0
 	flagReadOnly     = 1 << 1

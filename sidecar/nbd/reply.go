@@ -128,4 +128,3 @@ func putBuf(b []byte) {
 	}
 	bufPools[i].Put(b[:cap(b)]) // boxing the header costs 24 bytes, far less than the buffer
 }
-

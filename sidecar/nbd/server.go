@@ -12,6 +12,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
@@ -23,6 +24,10 @@ const MaxInFlight = 64
 // defaultMaxBlock is the largest request we accept when the device sets
 // none: the protocol's recommended 32 MiB.
 const defaultMaxBlock = 32 << 20
+
+// handshakeTimeout bounds the negotiation, so a silent client does not
+// hold a connection for ever.
+const handshakeTimeout = 30 * time.Second
 
 // unixSendBuffer is the socket send buffer asked for on unix connections
 // (the kernel caps it at net.core.wmem_max).
@@ -44,10 +49,9 @@ type Server struct {
 }
 
 type export struct {
-	dev         blockdev.Device
-	description string
-	conns       map[*conn]struct{}
-	removed     bool
+	dev     blockdev.Device
+	conns   map[*conn]struct{}
+	removed bool
 }
 
 // Stats are a server's counters.
@@ -200,7 +204,9 @@ func (s *Server) serveConn(nc net.Conn) {
 	defer nc.Close()
 	log := s.log.WithField("remote", nc.RemoteAddr().String())
 	r := bufio.NewReaderSize(nc, 64<<10)
+	_ = nc.SetDeadline(time.Now().Add(handshakeTimeout))
 	sess, err := s.handshake(r, bufio.NewWriterSize(nc, 4<<10))
+	_ = nc.SetDeadline(time.Time{})
 	s.mu.Lock()
 	delete(s.pending, nc)
 	if err == nil && (sess.export.removed || s.closed) {

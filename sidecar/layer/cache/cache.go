@@ -175,7 +175,23 @@ func (b *Base) Source() blockdev.Device { return b.source }
 // Present reports whether chunk i is in the cache.
 func (b *Base) Present(i int64) bool { return b.bits.Get(i) }
 
-func (b *Base) ReadAt(p []byte, off int64) (int, error) {
+func (b *Base) ReadAt(p []byte, off int64) (int, error) { return b.readAt(p, off, nil) }
+
+// Tally counts what one user's reads cost: the daemon reports it per
+// export, while Stats is the whole base's.
+type Tally struct {
+	FromCache  atomic.Uint64 // bytes of reads that hit
+	FromSource atomic.Uint64 // bytes fetched from the source for its reads
+}
+
+func (t *Tally) add(cache, source uint64) {
+	if t != nil {
+		t.FromCache.Add(cache)
+		t.FromSource.Add(source)
+	}
+}
+
+func (b *Base) readAt(p []byte, off int64, t *Tally) (int, error) {
 	if err := blockdev.CheckRange(b.size, off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -183,6 +199,7 @@ func (b *Base) ReadAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	if b.degraded.Load() {
+		t.add(0, uint64(len(p)))
 		return b.source.ReadAt(p, off)
 	}
 	first, last := off/b.chunk, (off+int64(len(p))-1)/b.chunk
@@ -196,13 +213,14 @@ func (b *Base) ReadAt(p []byte, off int64) (int, error) {
 		b.hits.Add(1)
 	} else {
 		b.misses.Add(1)
-		if err := b.fillRange(first, last, missing); err != nil {
+		if err := b.fillRange(first, last, missing, t); err != nil {
 			return 0, err
 		}
 		// A chunk may still be absent: the cache disk refused the write,
 		// or write-through invalidated it since. The source has it.
 		for c := first; c <= last; c++ {
 			if !b.bits.Get(c) || b.degraded.Load() {
+				t.add(0, uint64(len(p)))
 				return b.source.ReadAt(p, off)
 			}
 		}
@@ -212,16 +230,19 @@ func (b *Base) ReadAt(p []byte, off int64) (int, error) {
 		return n, fmt.Errorf("read cache %s: %w", b.dir, err)
 	}
 	b.fromCache.Add(uint64(n))
+	if missing == 0 {
+		t.add(uint64(n), 0)
+	}
 	return n, nil
 }
 
 // fillRange fills the missing chunks of [first, last], several at once
 // when there are several (a network source then overlaps round trips).
-func (b *Base) fillRange(first, last int64, missing int) error {
+func (b *Base) fillRange(first, last int64, missing int, t *Tally) error {
 	if missing == 1 {
 		for c := first; c <= last; c++ {
 			if !b.bits.Get(c) {
-				return b.fill(c)
+				return b.fill(c, t)
 			}
 		}
 	}
@@ -237,7 +258,7 @@ func (b *Base) fillRange(first, last int64, missing int) error {
 		sem <- struct{}{}
 		go func(c int64) {
 			defer func() { <-sem; wg.Done() }()
-			if err := b.fill(c); err != nil {
+			if err := b.fill(c, t); err != nil {
 				mu.Lock()
 				if firstErr == nil {
 					firstErr = err
@@ -257,7 +278,7 @@ func (b *Base) chunkSpan(c int64) (off, n int64) {
 
 // fill fetches chunk c unless present. Concurrent callers for the same
 // chunk queue on its lock and find it present: one fetch per chunk.
-func (b *Base) fill(c int64) error {
+func (b *Base) fill(c int64, t *Tally) error {
 	if b.bits.Get(c) {
 		return nil
 	}
@@ -274,6 +295,7 @@ func (b *Base) fill(c int64) error {
 		return fmt.Errorf("fill chunk %d (offset %d) from source: %w", c, off, err)
 	}
 	b.fromSource.Add(uint64(n))
+	t.add(0, uint64(n))
 	return b.store(c, buf, off)
 }
 
@@ -313,7 +335,7 @@ func (b *Base) Prefetch(off, length int64) error {
 	if missing == 0 {
 		return nil
 	}
-	return b.fillRange(first, last, missing)
+	return b.fillRange(first, last, missing, nil)
 }
 
 // Warm fills every chunk, then makes the cache durable. progress (may be
@@ -341,7 +363,7 @@ func (b *Base) Warm(ctx context.Context, progress func(done, total int64)) error
 				if c >= n || ctx.Err() != nil {
 					return
 				}
-				if err := b.fill(c); err != nil {
+				if err := b.fill(c, nil); err != nil {
 					errc <- err
 					return
 				}

@@ -65,9 +65,18 @@ func (m *Manager) Dir() string { return m.dir }
 // and closes the cache and its source.
 type Ref struct {
 	*Base
-	m    *Manager
-	id   string
-	once sync.Once
+	m     *Manager
+	id    string
+	once  sync.Once
+	tally Tally
+}
+
+// ReadAt reads through the shared base, counting for this reference.
+func (r *Ref) ReadAt(p []byte, off int64) (int, error) { return r.readAt(p, off, &r.tally) }
+
+// Tally is what this reference's reads cost (bytes from cache, from source).
+func (r *Ref) Tally() (fromCache, fromSource uint64) {
+	return r.tally.FromCache.Load(), r.tally.FromSource.Load()
 }
 
 func (r *Ref) Close() error {
