@@ -64,7 +64,9 @@ func runExport(args []string) error {
 	case *readOnly:
 		mode = stack.ModeReadOnly
 	case *cacheDir != "":
-		return errors.New("--cache needs --cow, --write-through or --readonly (the shared base is never written directly)")
+		// The shared base is never written directly: without --cow or
+		// --write-through a cached export is read-only.
+		mode = stack.ModeReadOnly
 	}
 	chunkSize, err := parseSize(*chunk)
 	if err != nil {
