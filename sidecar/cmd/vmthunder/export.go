@@ -11,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/layer/delay"
 	"github.com/vmthunder/vmthunder/sidecar/nbd"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
@@ -68,7 +69,11 @@ func runExport(args []string) error {
 		// --write-through a cached export is read-only.
 		mode = stack.ModeReadOnly
 	}
-	chunkSize, err := parseSize(*chunk)
+	var chunkSize int64
+	var err error
+	if *chunk != "" {
+		chunkSize, err = config.ParseSize(*chunk)
+	}
 	if err != nil {
 		return fmt.Errorf("--chunk-size: %w", err)
 	}
