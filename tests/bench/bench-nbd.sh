@@ -49,9 +49,13 @@ compare() {
     b+=("$(fio_nbd "$(u "$8")" "$rw" "$bs" "$qd" "$SECS" | cut -d' ' -f"$field")")
   done
   row "$name" "$(median "${a[@]}")" "$(median "${b[@]}")" "$unit"
+  runs+=("  $name: ours ${a[*]} | nbdkit ${b[*]}")
 }
+runs=()
 
 header nbdkit
 compare "4k randread QD32" IOPS 1 randread 4k 32 ours nbdkit
 compare "1M seqread QD4" MiB/s 2 read 1M 4 ours nbdkit
 compare "4k randread QD32 +1ms read delay" IOPS 1 randread 4k 32 ours-delay nbdkit-delay
+echo "(medians of $ROUNDS alternating ${SECS}s runs; every run:)"
+printf '%s\n' "${runs[@]}"
