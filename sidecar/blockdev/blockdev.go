@@ -25,7 +25,8 @@ type Device interface {
 	// anything that was written or zeroes. Layers that cannot trim return
 	// ErrUnsupported.
 	Trim(off, length int64) error
-	// WriteZeroes makes the range read back as zeroes.
+	// WriteZeroes makes the range read back as zeroes. It leaves the range
+	// allocated (NBD's NO_HOLE holds by default); Trim is what deallocates.
 	WriteZeroes(off, length int64) error
 	// BlockStatus describes [off, off+length) as a run of extents. It may
 	// describe less than asked (at least one extent) but never more.
