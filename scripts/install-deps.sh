@@ -17,7 +17,7 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 qemu-utils qemu-block-extra \
   nbdkit libnbd-bin fio \
   busybox-static linux-image-amd64 e2fsprogs cpio \
-  iproute2 prometheus procps psmisc util-linux sudo
+  iproute2 prometheus procps psmisc util-linux sudo curl passwd
 
 # libvirt runs QEMU as libvirt-qemu; it has to be able to reach sockets in
 # the group the daemon hands them to.
