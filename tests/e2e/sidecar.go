@@ -1,13 +1,8 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vmthunder/vmthunder/sidecar/api/client"
 )
 
 // ExportStats are an export's counters as the sidecar reports them.
@@ -48,7 +45,7 @@ type Daemon struct {
 	bin     string
 	config  string
 	log     string
-	http    *http.Client
+	api     *client.Client
 	mu      sync.Mutex
 	cmd     *exec.Cmd
 	done    chan struct{}
@@ -104,13 +101,7 @@ dir = %s
 	if err := os.WriteFile(d.config, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
-	d.http = &http.Client{
-		Timeout: 60 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var dl net.Dialer
-			return dl.DialContext(ctx, "unix", d.API)
-		}},
-	}
+	d.api = client.New(d.API)
 	return d, d.Start()
 }
 
@@ -195,42 +186,11 @@ func (d *Daemon) Restart() error {
 // Close stops the daemon; it is safe to call twice.
 func (d *Daemon) Close() { d.Stop() }
 
-type apiError struct {
-	Error string `json:"error"`
-	Code  string `json:"code"`
-}
-
 func (d *Daemon) call(method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, "http://vmthunder"+path, body)
-	if err != nil {
-		return err
-	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := d.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 != 2 {
-		var e apiError
-		json.Unmarshal(b, &e)
-		return fmt.Errorf("%s %s: %s: %s (%s)", method, path, resp.Status, e.Error, e.Code)
-	}
-	if out != nil && len(b) > 0 {
-		if err := json.Unmarshal(b, out); err != nil {
-			return fmt.Errorf("%s %s: answer %q: %w", method, path, b, err)
-		}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := d.api.Do(ctx, method, path, in, out); err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	return nil
 }
