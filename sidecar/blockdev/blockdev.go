@@ -41,6 +41,39 @@ type Device interface {
 	Close() error
 }
 
+// AsyncReader is a Device that can start a read and report its end later,
+// so a server need not park a goroutine per read in flight (the origin
+// that talks to a remote target is one). done runs on the device's own
+// goroutine and must not block. A started read may wait until Unplug, so
+// that reads started together reach the target together; a caller that
+// is about to wait for anything calls Unplug first.
+type AsyncReader interface {
+	ReadAtAsync(p []byte, off int64, done func(error))
+	Unplug()
+}
+
+// Unwrapper is a wrapper that passes every call straight to the device it
+// returns, so that device's optional interfaces apply through it.
+type Unwrapper interface {
+	Unwrap() Device
+}
+
+// AsyncOf returns d's asynchronous read path, looking through pure
+// wrappers, or nil when reads must be run synchronously.
+func AsyncOf(d Device) AsyncReader {
+	for d != nil {
+		if a, ok := d.(AsyncReader); ok {
+			return a
+		}
+		u, ok := d.(Unwrapper)
+		if !ok {
+			return nil
+		}
+		d = u.Unwrap()
+	}
+	return nil
+}
+
 // Caps describes what a Device supports.
 type Caps struct {
 	ReadOnly    bool

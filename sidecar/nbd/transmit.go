@@ -36,6 +36,12 @@ type conn struct {
 	workers int      // started so far; touched by the reader only
 	running sync.WaitGroup
 
+	// The device's asynchronous read path, if it has one: READs go to it
+	// straight from the reader, without a worker, up to MaxInFlight at once.
+	async   blockdev.AsyncReader
+	slots   chan struct{}
+	plugged bool // reads started since the last Unplug; reader only
+
 	replies    chan reply
 	pending    atomic.Int32 // requests read whose replies are not written yet
 	writerDone chan struct{}
@@ -52,7 +58,8 @@ type job struct {
 func newConn(srv *Server, nc net.Conn, r *bufio.Reader, sess *session, log logrus.FieldLogger) *conn {
 	_, _, maxBlock := sess.export.blockSizes()
 	return &conn{srv: srv, nc: nc, r: r, sess: sess, dev: sess.export.dev, log: log, maxBlock: maxBlock,
-		work: make(chan job), replies: make(chan reply, 2*MaxInFlight),
+		work: make(chan job), replies: make(chan reply, 3*MaxInFlight),
+		async: blockdev.AsyncOf(sess.export.dev), slots: make(chan struct{}, MaxInFlight),
 		writerDone: make(chan struct{}), done: make(chan struct{})}
 }
 
@@ -80,7 +87,11 @@ func (c *conn) serve() {
 
 func (c *conn) readLoop() {
 	var hdr [requestSize]byte
+	defer c.unplug()
 	for !c.stopping.Load() {
+		if c.r.Buffered() < requestSize {
+			c.unplug() // the next read may wait
+		}
 		if c.r.Buffered() == 0 && c.pending.Load() > 0 {
 			// Let running requests finish before the read that will
 			// probably find nothing and park: more requests arrive
@@ -110,6 +121,9 @@ func (c *conn) readLoop() {
 				c.replies <- c.errorReply(req, errInval, fmt.Sprintf("write of %d bytes exceeds the maximum block size %d", req.length, c.maxBlock))
 				continue
 			}
+			if c.r.Buffered() < int(req.length) {
+				c.unplug()
+			}
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(c.r, payload); err != nil {
 				putBuf(payload)
@@ -120,8 +134,53 @@ func (c *conn) readLoop() {
 			return
 		}
 		c.pending.Add(1)
+		if req.typ == cmdRead && c.async != nil && c.readAsync(req) {
+			continue
+		}
 		c.dispatch(job{req, payload})
 	}
+}
+
+// unplug sends the reads started on the asynchronous path.
+func (c *conn) unplug() {
+	if c.plugged {
+		c.plugged = false
+		c.async.Unplug()
+	}
+}
+
+// readAsync starts a READ on the device's asynchronous path, unless it is
+// one for the synchronous path's checks and error replies. The reply is
+// queued from the device's goroutine.
+func (c *conn) readAsync(req request) bool {
+	size := c.dev.Size()
+	off, length := int64(req.offset), int64(req.length)
+	if length == 0 || req.length > c.maxBlock || req.offset > uint64(size) || length > size-off {
+		return false
+	}
+	select {
+	case c.slots <- struct{}{}:
+	default:
+		c.unplug() // what we wait for must be on its way
+		c.slots <- struct{}{}
+	}
+	c.running.Add(1)
+	c.srv.inFlight.Add(1)
+	buf := getBuf(int(length))
+	c.plugged = true
+	c.async.ReadAtAsync(buf, off, func(err error) {
+		if err != nil {
+			putBuf(buf)
+			c.replies <- c.deviceError(req, err)
+		} else {
+			c.replies <- c.readReply(req, buf)
+		}
+		c.srv.inFlight.Add(-1)
+		c.srv.requests.Add(1)
+		<-c.slots
+		c.running.Done()
+	})
+	return true
 }
 
 // dispatch hands j to an idle worker, starts a new one while fewer than
@@ -139,6 +198,7 @@ func (c *conn) dispatch(j job) {
 		go c.worker(j)
 		return
 	}
+	c.unplug()
 	c.work <- j
 }
 
@@ -182,12 +242,7 @@ func (c *conn) handle(req request, payload []byte) reply {
 			putBuf(buf)
 			return c.deviceError(req, err)
 		}
-		if !c.sess.structured {
-			return simpleReply(req.cookie, 0, buf, true)
-		}
-		var prefix [8]byte
-		binary.BigEndian.PutUint64(prefix[:], req.offset)
-		return chunkReply(req.cookie, replyTypeOffsetData, prefix[:], buf, true)
+		return c.readReply(req, buf)
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if caps.ReadOnly {
 			return c.errorReply(req, errPerm, "export is read-only")
@@ -236,6 +291,16 @@ func (c *conn) handle(req request, payload []byte) reply {
 	default:
 		return c.errorReply(req, errInval, fmt.Sprintf("unknown command %d", req.typ))
 	}
+}
+
+// readReply carries buf (from getBuf) as the data of a successful READ.
+func (c *conn) readReply(req request, buf []byte) reply {
+	if !c.sess.structured {
+		return simpleReply(req.cookie, 0, buf, true)
+	}
+	var prefix [8]byte
+	binary.BigEndian.PutUint64(prefix[:], req.offset)
+	return chunkReply(req.cookie, replyTypeOffsetData, prefix[:], buf, true)
 }
 
 // errno maps a layer's error to an NBD error code.

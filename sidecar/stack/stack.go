@@ -69,6 +69,9 @@ type Export struct {
 	below blockdev.Device
 }
 
+// Unwrap is the top layer: Export passes every call to it.
+func (e *Export) Unwrap() blockdev.Device { return e.Device }
+
 // Cache is the export's base cache, nil without one.
 func (e *Export) Cache() *cache.Ref { return e.base }
 

@@ -10,6 +10,7 @@ import "C"
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -36,7 +37,8 @@ type request struct {
 	rcLBA     uint64
 	rcBlock   uint32
 	rcLBPME   bool
-	done      chan struct{}
+	done      chan struct{} // closed at the end, unless cb is set
+	cb        func()        // called at the end instead (ReadAtAsync)
 }
 
 func newRequest(op C.int, lba uint64, nblocks uint32, buf []byte) *request {
@@ -51,36 +53,37 @@ type inflight struct {
 	start  time.Time
 }
 
-// conn is one session, driven by its own goroutine (loop). Other
-// goroutines only enqueue requests and read its state.
+// conn is one session. Any goroutine submits commands and writes them to
+// the socket itself (under mu: libiscsi is not thread safe); the session's
+// own goroutine (loop) waits for responses on Go's network poller, completes
+// requests, and logs in again when the session drops. No goroutine blocks
+// inside C: a blocking cgo call costs an OS thread hand-off per wake-up,
+// which at 4 KiB random reads cost more than the iSCSI work itself.
 type conn struct {
-	d      *Dev
-	idx    int
-	wakefd int
-
-	mu      sync.Mutex
-	queue   []*request
-	polling bool // loop is (about to be) blocked in poll: wake it
+	d   *Dev
+	idx int
 
 	up      atomic.Bool
-	started atomic.Bool  // loop is running: it owns vc and closes wakefd
-	load    atomic.Int32 // queued + in flight
+	started atomic.Bool  // loop is running: it owns the session's lifetime
+	load    atomic.Int32 // in flight, for picking the least loaded session
 	portal  int          // index of the portal in use (loop goroutine only)
+	dialed  *C.vt_conn   // logged in, not yet attached (loop goroutine only)
 	lastErr atomic.Pointer[error]
 
-	vc   *C.vt_conn // loop goroutine only (and dial before the loop starts)
+	mu   sync.Mutex
+	vc   *C.vt_conn // nil while the session is down
+	sock *os.File   // a dup of libiscsi's socket, registered with Go's poller
 	fly  map[uint64]*inflight
 	next uint64
+	held int // commands queued by startHeld, not written yet
+
+	kick chan struct{} // the socket was full: the flusher waits for room
 	quit chan struct{}
 	gone chan struct{}
 }
 
 func newConn(d *Dev, idx int) (*conn, error) {
-	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("eventfd: %w", err)
-	}
-	return &conn{d: d, idx: idx, wakefd: fd, fly: map[uint64]*inflight{},
+	return &conn{d: d, idx: idx, fly: map[uint64]*inflight{}, kick: make(chan struct{}, 1),
 		quit: make(chan struct{}), gone: make(chan struct{})}, nil
 }
 
@@ -93,18 +96,122 @@ func (c *conn) err() error {
 	return nil
 }
 
-// enqueue hands r to the loop.
-func (c *conn) enqueue(r *request) {
+// start submits r and writes it to the socket; r.done closes when it is
+// answered or has failed.
+func (c *conn) start(r *request) {
 	c.load.Add(1)
 	c.mu.Lock()
-	c.queue = append(c.queue, r)
-	wake := c.polling
-	c.polling = false
-	c.mu.Unlock()
-	if wake {
-		var one = [8]byte{1}
-		unix.Write(c.wakefd, one[:])
+	if c.vc == nil {
+		c.mu.Unlock()
+		r.err = c.err()
+		if r.err == nil {
+			r.err = fmt.Errorf("%w: session down", ErrConnection)
+		}
+		r.transport = true
+		c.complete(r)
+		return
 	}
+	failed := c.submit(c.vc, r) == nil
+	done, st := c.serviceLocked(false)
+	c.mu.Unlock()
+	if failed {
+		c.complete(r)
+	}
+	c.completeAll(done)
+	c.after(st)
+}
+
+// startHeld queues r without writing it: push (Dev.Unplug) writes
+// everything held at once.
+func (c *conn) startHeld(r *request) {
+	c.load.Add(1)
+	c.mu.Lock()
+	if c.vc == nil {
+		c.mu.Unlock()
+		r.err = fmt.Errorf("%w: session down", ErrConnection)
+		r.transport = true
+		c.complete(r)
+		return
+	}
+	if c.submit(c.vc, r) == nil {
+		c.mu.Unlock()
+		c.complete(r)
+		return
+	}
+	c.held++
+	c.mu.Unlock()
+}
+
+// push writes the held commands, corked when there are several.
+func (c *conn) push() {
+	c.mu.Lock()
+	if c.vc == nil || c.held == 0 {
+		c.mu.Unlock()
+		return
+	}
+	st := C.vt_push(c.vc, C.int(boolInt(c.held > 1)))
+	c.held = 0
+	var done []*request
+	for cr := C.vt_pop(c.vc); cr != nil; cr = C.vt_pop(c.vc) {
+		if f := c.fly[uint64(cr.id)]; f != nil {
+			c.finish(f)
+			done = append(done, f.r)
+		}
+	}
+	c.mu.Unlock()
+	c.completeAll(done)
+	c.after(st)
+}
+
+// serviceLocked runs libiscsi without blocking and collects what finished.
+func (c *conn) serviceLocked(in bool) ([]*request, C.int) {
+	st := C.vt_service(c.vc, C.int(boolInt(in)))
+	if st >= 0 {
+		c.held = 0 // written with the rest
+	}
+	var done []*request
+	for cr := C.vt_pop(c.vc); cr != nil; cr = C.vt_pop(c.vc) {
+		if f := c.fly[uint64(cr.id)]; f != nil {
+			c.finish(f)
+			done = append(done, f.r)
+		}
+	}
+	return done, st
+}
+
+// after acts on vt_service's verdict outside the lock.
+func (c *conn) after(st C.int) {
+	switch {
+	case st < 0:
+		c.poke() // the loop notices the dead session and drops it
+	case st > 0:
+		select {
+		case c.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// poke wakes the loop out of its wait on the socket.
+func (c *conn) poke() {
+	c.mu.Lock()
+	if c.sock != nil {
+		c.sock.SetReadDeadline(time.Now())
+	}
+	c.mu.Unlock()
+}
+
+func (c *conn) completeAll(rs []*request) {
+	for _, r := range rs {
+		c.complete(r)
+	}
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // dialAny logs in through the portals starting at first, trying each once.
@@ -151,7 +258,7 @@ func (c *conn) dial(i int) error {
 	if tsec < 1 {
 		tsec = 1
 	}
-	vc := C.vt_new(cInit, cIQN, C.int(p.LUN), cUser, cPass, C.int(tsec), C.int(c.wakefd))
+	vc := C.vt_new(cInit, cIQN, C.int(p.LUN), cUser, cPass, C.int(tsec))
 	if vc == nil {
 		return fmt.Errorf("iscsi: cannot create a libiscsi context")
 	}
@@ -168,7 +275,7 @@ func (c *conn) dial(i int) error {
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: TCP connect to %s after %v", ErrTimeout, where, s.Timeout))
 		}
-		if C.vt_poll(vc, 100, 0) < 0 && vc.connect_done == 0 {
+		if C.vt_poll(vc, 100) < 0 && vc.connect_done == 0 {
 			break
 		}
 	}
@@ -188,7 +295,7 @@ func (c *conn) dial(i int) error {
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: login to %s after %v", ErrTimeout, where, s.Timeout))
 		}
-		if C.vt_poll(vc, 100, 0) < 0 && vc.login_done == 0 {
+		if C.vt_poll(vc, 100) < 0 && vc.login_done == 0 {
 			break
 		}
 	}
@@ -224,7 +331,7 @@ func (c *conn) dial(i int) error {
 		}
 		return fail(fmt.Errorf("%s: %w", where, err))
 	}
-	c.vc = vc
+	c.dialed = vc
 	return nil
 }
 
@@ -263,7 +370,7 @@ func (c *conn) runSync(vc *C.vt_conn, r *request, deadline time.Time) error {
 			r.err = err
 			return err
 		}
-		C.vt_poll(vc, 100, 0)
+		C.vt_poll(vc, 100)
 	}
 }
 
@@ -342,28 +449,35 @@ func (c *conn) deadErr(vc *C.vt_conn) error {
 	return fmt.Errorf("%w: portal %s: %s", ErrConnection, p.Addr, msg)
 }
 
-// loop drives the session: submits queued requests, services libiscsi,
-// completes requests, and reconnects (to the next portal first) when the
-// session drops.
+// tick is how often the loop runs libiscsi's timeout scan and looks for a
+// socket closed while idle (libiscsi notices EOF only when it reads).
+const tick = 250 * time.Millisecond
+
+// loop logs the session in (again), then serves it until it drops.
 func (c *conn) loop() {
 	defer close(c.gone)
 	backoff := 50 * time.Millisecond
 	for {
 		select {
 		case <-c.quit:
-			c.teardown(ErrClosed)
+			c.drop(ErrClosed)
 			return
 		default:
 		}
-		if c.vc == nil {
+		c.mu.Lock()
+		down := c.vc == nil
+		c.mu.Unlock()
+		if down {
 			c.up.Store(false)
-			c.failQueued()
 			err := c.dialAny((c.portal + 1) % len(c.d.spec.Portals))
+			if err == nil {
+				err = c.attach()
+			}
 			if err != nil {
 				c.setErr(err)
 				select {
 				case <-c.quit:
-					c.teardown(ErrClosed)
+					c.drop(ErrClosed)
 					return
 				case <-time.After(backoff):
 				}
@@ -374,106 +488,169 @@ func (c *conn) loop() {
 			c.up.Store(true)
 			c.d.notifyUp()
 		}
-		vc := c.vc
+		err := c.serve()
+		c.setErr(err)
+		c.up.Store(false)
+		c.drop(err)
+	}
+}
 
+// attach publishes the session dial left in c.dialed to other goroutines
+// and registers its socket with Go's poller. The dup shares the socket
+// (and libiscsi's O_NONBLOCK); closing it leaves libiscsi's descriptor
+// alone.
+func (c *conn) attach() error {
+	vc := c.dialed
+	c.dialed = nil
+	fd, err := unix.FcntlInt(uintptr(C.vt_fd(vc)), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		c.destroy(vc)
+		return fmt.Errorf("%w: dup socket: %v", ErrConnection, err)
+	}
+	sock := os.NewFile(uintptr(fd), "iscsi")
+	if err := sock.SetReadDeadline(time.Time{}); err != nil {
+		sock.Close()
+		c.destroy(vc)
+		return fmt.Errorf("%w: socket cannot use the poller: %v", ErrConnection, err)
+	}
+	c.mu.Lock()
+	c.vc, c.sock = vc, sock
+	c.mu.Unlock()
+	return nil
+}
+
+// serve waits for responses on the poller and completes them until the
+// session dies or the device closes. It returns why it stopped.
+func (c *conn) serve() error {
+	c.mu.Lock()
+	sock, vc := c.sock, c.vc
+	c.mu.Unlock()
+	if sock == nil || vc == nil {
+		return fmt.Errorf("%w: session down", ErrConnection)
+	}
+	raw, err := sock.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrConnection, err)
+	}
+	stop, flushDone := make(chan struct{}), make(chan struct{})
+	defer func() {
+		// Stop the flusher: closing the dup wakes it from a wait for room.
+		close(stop)
 		c.mu.Lock()
-		q := c.queue
-		c.queue = nil
-		idle := len(q) == 0
-		c.polling = idle
+		c.sock = nil
 		c.mu.Unlock()
-		for _, r := range q {
-			if c.submit(vc, r) == nil {
-				c.complete(r)
-			}
-		}
-		timeout := 0
-		if idle {
-			timeout = 250
-		}
-		dead := C.vt_poll(vc, C.int(timeout), 1) < 0
+		sock.Close()
+		<-flushDone
+	}()
+	go c.flusher(raw, stop, flushDone)
+
+	dead := false
+	service := func() {
 		c.mu.Lock()
-		c.polling = false
+		done, st := c.serviceLocked(true)
 		c.mu.Unlock()
-		for cr := C.vt_pop(vc); cr != nil; cr = C.vt_pop(vc) {
-			if f := c.fly[uint64(cr.id)]; f != nil {
-				c.finish(f)
-				c.complete(f.r)
-			}
-		}
-		if !dead && len(c.fly) > 0 {
-			// Backstop for libiscsi's own timeouts.
-			limit := c.d.spec.Timeout + 2*time.Second
-			for _, f := range c.fly {
-				if time.Since(f.start) > limit {
-					dead = true
-					break
-				}
-			}
-		}
-		if dead || vc.dead != 0 {
-			err := c.deadErr(vc)
-			c.setErr(err)
-			c.up.Store(false)
-			c.drop(err)
+		c.completeAll(done)
+		if st < 0 {
+			dead = true
+		} else if st > 0 {
+			c.after(st)
 		}
 	}
+	for {
+		select {
+		case <-c.quit:
+			return ErrClosed
+		default:
+		}
+		sock.SetReadDeadline(time.Now().Add(tick))
+		err := raw.Read(func(uintptr) bool {
+			service()
+			return dead
+		})
+		if dead {
+			return c.deadErr(vc)
+		}
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("%w: %v", ErrConnection, err)
+		}
+		// Every tick (or poke): timeouts, and EOF on an idle socket.
+		service()
+		if dead || c.overdue() {
+			return c.deadErr(vc)
+		}
+	}
+}
+
+// flusher writes queued commands when the socket has room again.
+func (c *conn) flusher(raw syscall.RawConn, stop, done chan struct{}) {
+	defer close(done)
+	for {
+		select {
+		case <-stop:
+			return
+		case <-c.kick:
+		}
+		err := raw.Write(func(uintptr) bool {
+			c.mu.Lock()
+			if c.vc == nil {
+				c.mu.Unlock()
+				return true
+			}
+			done, st := c.serviceLocked(false)
+			c.mu.Unlock()
+			c.completeAll(done)
+			if st < 0 {
+				c.poke()
+			}
+			return st <= 0
+		})
+		if err != nil {
+			return // the socket was closed: the session is over
+		}
+	}
+}
+
+// overdue is a backstop for libiscsi's own timeouts.
+func (c *conn) overdue() bool {
+	limit := c.d.spec.Timeout + 2*time.Second
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, f := range c.fly {
+		if time.Since(f.start) > limit {
+			return true
+		}
+	}
+	return false
 }
 
 // drop destroys the session and fails what was in flight as transport
 // errors, which the device retries on another session.
 func (c *conn) drop(err error) {
+	c.mu.Lock()
 	vc := c.vc
 	c.vc = nil
-	if vc == nil {
-		return
+	c.held = 0
+	var failed []*request
+	if vc != nil {
+		C.vt_free(vc) // libiscsi lets go of every buffer here
+		for id, f := range c.fly {
+			delete(c.fly, id)
+			f.pinner.Unpin()
+			C.vt_req_release(f.cr)
+			f.r.err = err
+			f.r.transport = !errors.Is(err, ErrClosed)
+			failed = append(failed, f.r)
+		}
 	}
-	C.vt_free(vc) // libiscsi lets go of every buffer here
-	for id, f := range c.fly {
-		delete(c.fly, id)
-		f.pinner.Unpin()
-		C.vt_req_release(f.cr)
-		f.r.err = err
-		f.r.transport = true
-		c.complete(f.r)
-	}
-}
-
-func (c *conn) failQueued() {
-	c.mu.Lock()
-	q := c.queue
-	c.queue = nil
 	c.mu.Unlock()
-	err := c.err()
-	if err == nil {
-		err = ErrConnection
-	}
-	for _, r := range q {
-		r.err = err
-		r.transport = true
-		c.complete(r)
-	}
-}
-
-func (c *conn) teardown(err error) {
-	c.up.Store(false)
-	c.drop(err)
-	c.mu.Lock()
-	q := c.queue
-	c.queue = nil
-	c.mu.Unlock()
-	for _, r := range q {
-		r.err = err
-		c.complete(r)
-	}
-	unix.Close(c.wakefd)
+	c.completeAll(failed)
 }
 
 func (c *conn) complete(r *request) {
 	c.load.Add(-1)
+	if r.cb != nil {
+		r.cb()
+		return
+	}
 	close(r.done)
 }
-
-func writeWake(fd int, b []byte) { unix.Write(fd, b) }
-
-func closeFD(fd int) { unix.Close(fd) }

@@ -97,8 +97,12 @@ func Open(s Spec) (*Dev, error) {
 		return nil, fmt.Errorf("open %s: %w", s, err)
 	}
 	if err := d.readCapacity(first); err != nil {
-		first.destroy(first.vc)
-		first.vc = nil
+		first.destroy(first.dialed)
+		first.dialed = nil
+		d.closeConns()
+		return nil, fmt.Errorf("open %s: %w", s, err)
+	}
+	if err := first.attach(); err != nil {
 		d.closeConns()
 		return nil, fmt.Errorf("open %s: %w", s, err)
 	}
@@ -122,10 +126,10 @@ func (d *Dev) readCapacity(c *conn) error {
 	var r *request
 	for try := 0; ; try++ {
 		r = newRequest(C.VT_RC16, 0, 0, nil)
-		err := c.runSync(c.vc, r, deadline)
+		err := c.runSync(c.dialed, r, deadline)
 		if err != nil && !r.transport && !r.retry {
 			r = newRequest(C.VT_RC10, 0, 0, nil)
-			err = c.runSync(c.vc, r, deadline)
+			err = c.runSync(c.dialed, r, deadline)
 		}
 		if err == nil {
 			break
@@ -177,13 +181,7 @@ func (d *Dev) pick(deadline time.Time) (*conn, error) {
 		if d.closed.Load() {
 			return nil, ErrClosed
 		}
-		var best *conn
-		for _, c := range d.conns {
-			if c.up.Load() && (best == nil || c.load.Load() < best.load.Load()) {
-				best = c
-			}
-		}
-		if best != nil {
+		if best := d.pickUp(); best != nil {
 			return best, nil
 		}
 		d.upMu.Lock()
@@ -217,8 +215,8 @@ func (d *Dev) do(r *request) error {
 			return err
 		}
 		r.err, r.transport, r.retry = nil, false, false
-		r.done = make(chan struct{})
-		c.enqueue(r)
+		r.done, r.cb = make(chan struct{}), nil
+		c.start(r)
 		<-r.done
 		if r.err == nil || !(r.transport || r.retry) || d.closed.Load() {
 			return r.err
@@ -258,6 +256,62 @@ func (d *Dev) rw(op C.int, p []byte, off int64) error {
 	}
 	wg.Wait()
 	return first
+}
+
+// ReadAtAsync starts a read and calls done when it ends, on a session's
+// goroutine. The command is queued, not sent: Unplug sends every command
+// queued since the last one together. Reads that need splitting, padding
+// or a retry run the synchronous path on a goroutine of their own.
+func (d *Dev) ReadAtAsync(p []byte, off int64, done func(error)) {
+	var c *conn
+	if !d.closed.Load() && len(p) > 0 && len(p) <= maxXfer && d.aligned(off, len(p)) &&
+		blockdev.CheckRange(d.Size(), off, int64(len(p))) == nil {
+		c = d.pickUp()
+	}
+	if c == nil {
+		go func() {
+			_, err := d.ReadAt(p, off)
+			done(err)
+		}()
+		return
+	}
+	r := &request{op: C.VT_READ16, lba: uint64(off / d.blockSize), nblocks: uint32(int64(len(p)) / d.blockSize), buf: p}
+	r.cb = func() {
+		if r.err != nil && (r.transport || r.retry) && !d.closed.Load() {
+			go func() {
+				if err := d.do(r); err != nil {
+					done(fmt.Errorf("iscsi read %d bytes at %d: %w", len(p), off, err))
+					return
+				}
+				done(nil)
+			}()
+			return
+		}
+		if r.err != nil {
+			done(fmt.Errorf("iscsi read %d bytes at %d: %w", len(p), off, r.err))
+			return
+		}
+		done(nil)
+	}
+	c.startHeld(r)
+}
+
+// Unplug sends the commands ReadAtAsync queued.
+func (d *Dev) Unplug() {
+	for _, c := range d.conns {
+		c.push()
+	}
+}
+
+// pickUp is the least loaded live session, or nil.
+func (d *Dev) pickUp() *conn {
+	var best *conn
+	for _, c := range d.conns {
+		if c.up.Load() && (best == nil || c.load.Load() < best.load.Load()) {
+			best = c
+		}
+	}
+	return best
 }
 
 func (d *Dev) aligned(off int64, n int) bool {
@@ -431,17 +485,24 @@ func (d *Dev) closeConns() {
 		}
 	}
 	for _, c := range d.conns {
-		if !c.started.Load() && c.vc != nil {
-			c.destroy(c.vc)
-			c.vc = nil
-		}
 		if c.started.Load() {
-			var one = [8]byte{1}
-			writeWake(c.wakefd, one[:])
+			c.poke()
 			<-c.gone
-		} else {
-			closeFD(c.wakefd)
+			continue
 		}
+		// Open failed before the loops started.
+		if c.dialed != nil {
+			c.destroy(c.dialed)
+			c.dialed = nil
+		}
+		c.mu.Lock()
+		sock := c.sock
+		c.sock = nil
+		c.mu.Unlock()
+		if sock != nil {
+			sock.Close()
+		}
+		c.drop(ErrClosed)
 	}
 }
 
