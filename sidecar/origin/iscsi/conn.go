@@ -53,38 +53,45 @@ type inflight struct {
 	start  time.Time
 }
 
-// conn is one session. Any goroutine submits commands and writes them to
-// the socket itself (under mu: libiscsi is not thread safe); the session's
-// own goroutine (loop) waits for responses on Go's network poller, completes
-// requests, and logs in again when the session drops. No goroutine blocks
-// inside C: a blocking cgo call costs an OS thread hand-off per wake-up,
-// which at 4 KiB random reads cost more than the iSCSI work itself.
+// conn is one session, served by three goroutines while it is up: the
+// submitter writes queued commands to the socket, a batch at a time (so
+// they share TCP segments), the loop waits for responses on Go's network
+// poller and completes requests, and the flusher waits for room when the
+// socket is full. libiscsi is not thread safe: every call is under mu. No
+// goroutine blocks inside C: a blocking cgo call costs an OS thread
+// hand-off per wake-up, which at 4 KiB random reads cost more than the
+// iSCSI work itself.
 type conn struct {
 	d   *Dev
 	idx int
 
 	up      atomic.Bool
 	started atomic.Bool  // loop is running: it owns the session's lifetime
-	load    atomic.Int32 // in flight, for picking the least loaded session
+	load    atomic.Int32 // queued or in flight, for picking a session
 	portal  int          // index of the portal in use (loop goroutine only)
 	dialed  *C.vt_conn   // logged in, not yet attached (loop goroutine only)
 	lastErr atomic.Pointer[error]
+
+	qmu       sync.Mutex
+	queue     []*request // waiting for the submitter
+	accepting bool       // the session is attached: queue, don't fail
+	held      atomic.Bool
 
 	mu   sync.Mutex
 	vc   *C.vt_conn // nil while the session is down
 	sock *os.File   // a dup of libiscsi's socket, registered with Go's poller
 	fly  map[uint64]*inflight
 	next uint64
-	held int // commands queued by startHeld, not written yet
 
+	wake chan struct{} // commands are queued: the submitter sends them
 	kick chan struct{} // the socket was full: the flusher waits for room
 	quit chan struct{}
 	gone chan struct{}
 }
 
 func newConn(d *Dev, idx int) (*conn, error) {
-	return &conn{d: d, idx: idx, fly: map[uint64]*inflight{}, kick: make(chan struct{}, 1),
-		quit: make(chan struct{}), gone: make(chan struct{})}, nil
+	return &conn{d: d, idx: idx, fly: map[uint64]*inflight{}, wake: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), quit: make(chan struct{}), gone: make(chan struct{})}, nil
 }
 
 func (c *conn) setErr(err error) { c.lastErr.Store(&err) }
@@ -96,87 +103,110 @@ func (c *conn) err() error {
 	return nil
 }
 
-// start submits r and writes it to the socket; r.done closes when it is
-// answered or has failed.
+// start queues r for the submitter and wakes it; r ends (r.done closes,
+// or r.cb runs) when the target answers or the command fails.
 func (c *conn) start(r *request) {
+	if c.enqueue(r) {
+		c.signal()
+	}
+}
+
+// startHeld queues r without waking the submitter: release does.
+func (c *conn) startHeld(r *request) {
+	if c.enqueue(r) {
+		c.held.Store(true)
+	}
+}
+
+// release wakes the submitter for commands startHeld queued.
+func (c *conn) release() {
+	if c.held.Swap(false) {
+		c.signal()
+	}
+}
+
+func (c *conn) enqueue(r *request) bool {
 	c.load.Add(1)
-	c.mu.Lock()
-	if c.vc == nil {
-		c.mu.Unlock()
+	c.qmu.Lock()
+	if !c.accepting {
+		c.qmu.Unlock()
 		r.err = c.err()
 		if r.err == nil {
 			r.err = fmt.Errorf("%w: session down", ErrConnection)
 		}
 		r.transport = true
 		c.complete(r)
-		return
+		return false
 	}
-	failed := c.submit(c.vc, r) == nil
-	done, st := c.serviceLocked(false)
-	c.mu.Unlock()
-	if failed {
-		c.complete(r)
-	}
-	c.completeAll(done)
-	c.after(st)
+	c.queue = append(c.queue, r)
+	c.qmu.Unlock()
+	return true
 }
 
-// startHeld queues r without writing it: push (Dev.Unplug) writes
-// everything held at once.
-func (c *conn) startHeld(r *request) {
-	c.load.Add(1)
-	c.mu.Lock()
-	if c.vc == nil {
-		c.mu.Unlock()
-		r.err = fmt.Errorf("%w: session down", ErrConnection)
-		r.transport = true
-		c.complete(r)
-		return
+func (c *conn) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
 	}
-	if c.submit(c.vc, r) == nil {
-		c.mu.Unlock()
-		c.complete(r)
-		return
-	}
-	c.held++
-	c.mu.Unlock()
 }
 
-// push writes the held commands, corked when there are several.
-func (c *conn) push() {
-	c.mu.Lock()
-	if c.vc == nil || c.held == 0 {
+// submitter sends what is queued, corked when there are several, so a
+// batch leaves in as few TCP segments (and target wake-ups) as fit.
+func (c *conn) submitter(stop, done chan struct{}) {
+	defer close(done)
+	var q []*request
+	for {
+		select {
+		case <-stop:
+			return
+		case <-c.wake:
+		}
+		c.qmu.Lock()
+		q, c.queue = c.queue, q[:0]
+		c.qmu.Unlock()
+		if len(q) == 0 {
+			continue
+		}
+		var ended []*request
+		c.mu.Lock()
+		if c.vc == nil {
+			c.mu.Unlock()
+			for _, r := range q {
+				r.err, r.transport = fmt.Errorf("%w: session down", ErrConnection), true
+			}
+			c.completeAll(q)
+			clear(q)
+			continue
+		}
+		for _, r := range q {
+			if c.submit(c.vc, r) == nil {
+				ended = append(ended, r)
+			}
+		}
+		st := C.vt_push(c.vc, C.int(boolInt(len(q) > 1)))
+		ended = c.popLocked(ended)
 		c.mu.Unlock()
-		return
+		clear(q) // the requests are the loop's now
+		c.completeAll(ended)
+		c.after(st)
 	}
-	st := C.vt_push(c.vc, C.int(boolInt(c.held > 1)))
-	c.held = 0
-	var done []*request
+}
+
+// popLocked collects finished commands into ended.
+func (c *conn) popLocked(ended []*request) []*request {
 	for cr := C.vt_pop(c.vc); cr != nil; cr = C.vt_pop(c.vc) {
 		if f := c.fly[uint64(cr.id)]; f != nil {
 			c.finish(f)
-			done = append(done, f.r)
+			ended = append(ended, f.r)
 		}
 	}
-	c.mu.Unlock()
-	c.completeAll(done)
-	c.after(st)
+	return ended
 }
 
 // serviceLocked runs libiscsi without blocking and collects what finished.
 func (c *conn) serviceLocked(in bool) ([]*request, C.int) {
 	st := C.vt_service(c.vc, C.int(boolInt(in)))
-	if st >= 0 {
-		c.held = 0 // written with the rest
-	}
-	var done []*request
-	for cr := C.vt_pop(c.vc); cr != nil; cr = C.vt_pop(c.vc) {
-		if f := c.fly[uint64(cr.id)]; f != nil {
-			c.finish(f)
-			done = append(done, f.r)
-		}
-	}
-	return done, st
+	return c.popLocked(nil), st
 }
 
 // after acts on vt_service's verdict outside the lock.
@@ -516,6 +546,9 @@ func (c *conn) attach() error {
 	c.mu.Lock()
 	c.vc, c.sock = vc, sock
 	c.mu.Unlock()
+	c.qmu.Lock()
+	c.accepting = true
+	c.qmu.Unlock()
 	return nil
 }
 
@@ -532,17 +565,21 @@ func (c *conn) serve() error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConnection, err)
 	}
-	stop, flushDone := make(chan struct{}), make(chan struct{})
+	stop, flushDone, submitDone := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	defer func() {
-		// Stop the flusher: closing the dup wakes it from a wait for room.
+		// Stop the helpers: closing the dup wakes the flusher from a wait
+		// for room.
 		close(stop)
 		c.mu.Lock()
 		c.sock = nil
 		c.mu.Unlock()
 		sock.Close()
 		<-flushDone
+		<-submitDone
 	}()
 	go c.flusher(raw, stop, flushDone)
+	go c.submitter(stop, submitDone)
+	c.signal() // commands queued before the session was served
 
 	dead := false
 	service := func() {
@@ -626,19 +663,25 @@ func (c *conn) overdue() bool {
 // drop destroys the session and fails what was in flight as transport
 // errors, which the device retries on another session.
 func (c *conn) drop(err error) {
+	transport := !errors.Is(err, ErrClosed)
+	c.qmu.Lock()
+	c.accepting = false
+	failed := c.queue
+	c.queue = nil
+	c.qmu.Unlock()
+	for _, r := range failed {
+		r.err, r.transport = err, transport
+	}
 	c.mu.Lock()
 	vc := c.vc
 	c.vc = nil
-	c.held = 0
-	var failed []*request
 	if vc != nil {
 		C.vt_free(vc) // libiscsi lets go of every buffer here
 		for id, f := range c.fly {
 			delete(c.fly, id)
 			f.pinner.Unpin()
 			C.vt_req_release(f.cr)
-			f.r.err = err
-			f.r.transport = !errors.Is(err, ErrClosed)
+			f.r.err, f.r.transport = err, transport
 			failed = append(failed, f.r)
 		}
 	}

@@ -299,7 +299,7 @@ func (d *Dev) ReadAtAsync(p []byte, off int64, done func(error)) {
 // Unplug sends the commands ReadAtAsync queued.
 func (d *Dev) Unplug() {
 	for _, c := range d.conns {
-		c.push()
+		c.release()
 	}
 }
 
