@@ -6,14 +6,15 @@
 #   export  - `vmthunder export iscsi://` read by fio's nbd engine vs
 #             iscsi-perf, and vs qemu-nbd exporting the same iscsi:// URL
 #             (the tool the export replaces), both read by the same fio job
-# Random 4 KiB rows are medians of alternating runs. On one machine the
-# target, the initiator and (for exports) the NBD client share the CPUs,
-# so the last table shows where each 4 KiB read's CPU time goes.
-# About 4 minutes.
+# Random 4 KiB rows are medians of alternating runs, twice: with every
+# process sharing all CPUs, and with tgtd alone on the last CPU (as on a
+# storage node of its own; everything else on the others). When they
+# share, the target and the NBD client take most of the CPU, so the CPU
+# table shows where each 4 KiB read's time goes. About 6 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-T=${BENCH_TIME:-8}
-RUNS=${BENCH_RUNS:-3}
+T=${BENCH_TIME:-4}
+RUNS=${BENCH_RUNS:-5}
 SIZE=${BENCH_SIZE:-1G}
 WORK=$(mktemp -d /dev/shm/vmthunder-bench-iscsi.XXXXXX)
 PIDS=()
@@ -43,6 +44,17 @@ URL=$TGT_URL
 BYTES=$(stat -c %s "$TGT_FILE")
 TGTD=$(pgrep -P "$TGTUP" -x tgtd | head -1)
 
+NCPU=$(nproc)
+ON=() # command prefix: the CPUs for everything but tgtd
+place() { # shared | split
+  if [ "$1" = split ]; then
+    taskset -a -p -c "$((NCPU - 1))" "$TGTD" >/dev/null
+    ON=(taskset -c "0-$((NCPU - 2))")
+  else
+    taskset -a -p -c "0-$((NCPU - 1))" "$TGTD" >/dev/null
+    ON=()
+  fi
+}
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user+system, 1/100 s
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
@@ -60,7 +72,7 @@ cpurow() { # name ios ticks-initiator ticks-client ticks-target -> µs per read
 perf() { # blocks-per-request [-r]
   local t0 out
   t0=$(ticks "$TGTD")
-  out=$({ timeout -s INT "$T" /usr/bin/time -f 'CPU %U %S' iscsi-perf -m 32 -b "$1" ${2:-} "$URL" 2>&1 || true; } | tr '\r' '\n')
+  out=$({ timeout -s INT "$T" "${ON[@]}" /usr/bin/time -f 'CPU %U %S' iscsi-perf -m 32 -b "$1" ${2:-} "$URL" 2>&1 || true; } | tr '\r' '\n')
   echo "$out" | awk -v bs="$1" -v t="$T" -v tg="$(($(ticks "$TGTD") - t0))" '
     /iops average/ { for (i = 1; i <= NF; i++) if ($i == "average") iops = $(i + 1) }
     /^CPU / { cpu = ($2 + $3) * 100 }
@@ -69,7 +81,7 @@ perf() { # blocks-per-request [-r]
 
 # fio's nbd engine against a socket. Prints "MiB/s ios client-ticks".
 fiojob() { # socket rw bs
-  fio --name=x --ioengine=nbd --uri="nbd+unix:///?socket=$1" --size="$BYTES" --rw="$2" --bs="$3" \
+  "${ON[@]}" fio --name=x --ioengine=nbd --uri="nbd+unix:///?socket=$1" --size="$BYTES" --rw="$2" --bs="$3" \
     --iodepth=32 --time_based --runtime="$T" --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 s=sys.stdin.read(); j=json.loads(s[s.index("{"):])["jobs"][0]
@@ -82,9 +94,9 @@ export_run() {
   local sock="$WORK/$1.sock" pid s0 t0 res
   rm -f "$sock"
   case $1 in
-    ours) "$BIN" export --readonly --socket "$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
-    ours-1p) GOMAXPROCS=1 "$BIN" export --readonly --socket "$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
-    qemu-nbd) qemu-nbd --read-only --persistent --format=raw --socket="$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
+    ours) "${ON[@]}" "$BIN" export --readonly --socket "$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
+    ours-1p) GOMAXPROCS=1 "${ON[@]}" "$BIN" export --readonly --socket "$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
+    qemu-nbd) "${ON[@]}" qemu-nbd --read-only --persistent --format=raw --socket="$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
   esac
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
   [ -S "$sock" ] || { echo "$1: socket did not appear:" >&2; cat "$WORK/$1.log" >&2; kill "$pid"; return 1; }
@@ -102,31 +114,39 @@ O_SEQ=$("$WORK/qdread" -qd 32 -bs 1048576 -time "${T}s" "$URL" | awk '{print $1}
 read -r E_SEQ _ < <(export_run ours read 1M)
 read -r Q_SEQ _ < <(export_run qemu-nbd read 1M)
 
-# Random 4 KiB: alternating runs, medians.
-declare -A BW IOS SRV CLI TGT
+# Random 4 KiB: alternating runs, medians, in both placements.
 KINDS=(perf origin ours ours-1p qemu-nbd)
-for _ in $(seq "$RUNS"); do
-  for k in "${KINDS[@]}"; do
-    case $k in
-      perf) read -r bw ios srv tg < <(perf 8 -r); cli=0 ;;
-      origin)
-        t0=$(ticks "$TGTD")
-        read -r bw ios srv < <(/usr/bin/time -f '%U %S' "$WORK/qdread" -qd 32 -bs 4096 -random -time "${T}s" "$URL" 2>&1 |
-          awk -v t="$T" '/MiB\/s/ { bw = $1; ios = $3 * t } NF == 2 && $1 ~ /^[0-9.]+$/ { cpu = ($1 + $2) * 100 } END { printf "%s %d %d\n", bw, ios, cpu }')
-        tg=$(($(ticks "$TGTD") - t0)); cli=0 ;;
-      *) read -r bw ios srv cli tg < <(export_run "$k" randread 4k) ;;
-    esac
-    BW[$k]+="$bw "; IOS[$k]+="$ios "; SRV[$k]+="$srv "; CLI[$k]+="$cli "; TGT[$k]+="$tg "
+declare -A BW IOS SRV CLI TGT
+random_runs() { # placement
+  local k bw ios srv cli tg t0
+  place "$1"
+  for _ in $(seq "$RUNS"); do
+    for k in "${KINDS[@]}"; do
+      case $k in
+        perf) read -r bw ios srv tg < <(perf 8 -r); cli=0 ;;
+        origin)
+          t0=$(ticks "$TGTD")
+          read -r bw ios srv < <("${ON[@]}" /usr/bin/time -f '%U %S' "$WORK/qdread" -qd 32 -bs 4096 -random -time "${T}s" "$URL" 2>&1 |
+            awk -v t="$T" '/MiB\/s/ { bw = $1; ios = $3 * t } NF == 2 && $1 ~ /^[0-9.]+$/ { cpu = ($1 + $2) * 100 } END { printf "%s %d %d\n", bw, ios, cpu }')
+          tg=$(($(ticks "$TGTD") - t0)); cli=0 ;;
+        *) read -r bw ios srv cli tg < <(export_run "$k" randread 4k) ;;
+      esac
+      BW[$1.$k]+="$bw "; IOS[$1.$k]+="$ios "; SRV[$1.$k]+="$srv "; CLI[$1.$k]+="$cli "; TGT[$1.$k]+="$tg "
+    done
   done
-done
+  place shared
+}
+random_runs shared
+SPLIT=no
+if [ "$NCPU" -ge 2 ]; then
+  random_runs split
+  SPLIT=yes
+fi
 # shellcheck disable=SC2086
-med() { median ${1} ; }
-for k in "${KINDS[@]}"; do
-  declare "R_${k//-/_}=$(med "${BW[$k]}")"
-done
+R() { median ${BW[$1]}; }
 
 row "seq read 1MiB QD32 origin (MiB/s)" "$O_SEQ" "$P_SEQ" "vs iscsi-perf"
-row "rand read 4KiB QD32 origin (MiB/s)" "$R_origin" "$R_perf" "vs iscsi-perf"
+row "rand read 4KiB QD32 origin (MiB/s)" "$(R shared.origin)" "$(R shared.perf)" "vs iscsi-perf"
 
 # Whole-LUN copy: qdread to the end vs qemu-img convert (16 coroutines,
 # out of order) into a null device.
@@ -141,20 +161,34 @@ row "copy whole LUN origin (MiB/s)" "$O_CP" "$Q_CP" "vs qemu-img convert"
 
 row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$P_SEQ" "vs iscsi-perf"
 row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$Q_SEQ" "vs qemu-nbd export"
-row "rand read 4KiB QD32 export (MiB/s)" "$R_ours" "$R_perf" "vs iscsi-perf"
-row "rand read 4KiB QD32 export (MiB/s)" "$R_ours" "$R_qemu_nbd" "vs qemu-nbd export"
-row "rand read 4KiB QD32 export GOMAXPROCS=1" "$R_ours_1p" "$R_perf" "vs iscsi-perf"
+row "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.perf)" "vs iscsi-perf"
+row "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
+row "rand read 4KiB QD32 export GOMAXPROCS=1" "$(R shared.ours-1p)" "$(R shared.perf)" "vs iscsi-perf"
+if [ "$SPLIT" = yes ]; then
+  row "tgtd own CPU: rand 4KiB origin (MiB/s)" "$(R split.origin)" "$(R split.perf)" "vs iscsi-perf"
+  row "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.perf)" "vs iscsi-perf"
+  row "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
+  row "tgtd own CPU: rand 4KiB export 1 proc" "$(R split.ours-1p)" "$(R split.perf)" "vs iscsi-perf"
+fi
 
 for k in "${KINDS[@]}"; do
   # shellcheck disable=SC2086
-  cpurow "$k" "$(median ${IOS[$k]})" "$(median ${SRV[$k]})" "$(median ${CLI[$k]})" "$(median ${TGT[$k]})"
+  cpurow "$k" "$(median ${IOS[shared.$k]})" "$(median ${SRV[shared.$k]})" "$(median ${CLI[shared.$k]})" "$(median ${TGT[shared.$k]})"
 done
 
 printf '%-44s %10s %10s %6s\n' "test" "ours" "anchor" "ratio"
 printf '%s\n' "${ROWS[@]}"
 echo "random rows: median of $RUNS alternating runs of ${T}s; anchors: iscsi-perf (raw libiscsi), qemu-img convert, qemu-nbd"
+echo "\"tgtd own CPU\": tgtd pinned to CPU $((NCPU - 1)), every other process to the rest; goal ratio >= 0.80 vs iscsi-perf"
 echo
-echo "CPU per 4 KiB random read (us), medians; all parties share this machine's $(nproc) CPUs:"
+echo "CPU per 4 KiB random read (us), medians, all parties sharing the machine's $NCPU CPUs:"
 printf '%-30s %10s %10s %10s %10s\n' "reader" "initiator" "NBD client" "tgtd" "total"
 printf '%s\n' "${CPU[@]}"
 echo "(initiator: iscsi-perf, qdread, or the NBD server process; NBD client: fio's nbd engine)"
+echo
+echo "random 4 KiB runs (MiB/s), in order:"
+for p in shared split; do
+  for k in "${KINDS[@]}"; do
+    [ -n "${BW[$p.$k]:-}" ] && printf '  %-16s %s\n' "$p.$k" "${BW[$p.$k]}"
+  done
+done
