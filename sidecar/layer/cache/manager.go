@@ -29,7 +29,8 @@ type Manager struct {
 	budget    int64
 	mu        sync.Mutex
 	open      map[string]*entry
-	approx    atomic.Int64 // bytes cached, refreshed by each eviction pass
+	closing   map[string]chan struct{} // closed when that base's last close is done
+	approx    atomic.Int64             // bytes cached, refreshed by each eviction pass
 	evicting  atomic.Bool
 	lastEvict atomic.Int64 // unix ns of the last pass started by a fill
 }
@@ -52,7 +53,7 @@ func NewManager(dir string, budget int64) (*Manager, error) {
 	if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
 		return nil, fmt.Errorf("cache directory %s is not writable: %w", dir, err)
 	}
-	m := &Manager{dir: dir, budget: budget, open: map[string]*entry{}}
+	m := &Manager{dir: dir, budget: budget, open: map[string]*entry{}, closing: map[string]chan struct{}{}}
 	m.Evict()
 	return m, nil
 }
@@ -119,6 +120,13 @@ func (m *Manager) OpenFunc(baseID string, chunk int64, open func() (blockdev.Dev
 		return nil, err
 	}
 	m.mu.Lock()
+	// A base whose last reference is still closing holds its directory
+	// lock: wait for it rather than fail as if another process had it.
+	for ch := m.closing[baseID]; ch != nil; ch = m.closing[baseID] {
+		m.mu.Unlock()
+		<-ch
+		m.mu.Lock()
+	}
 	e := m.open[baseID]
 	if e != nil {
 		e.refs++
@@ -172,14 +180,23 @@ func (m *Manager) release(id string) error {
 	}
 	e.refs--
 	last := e.refs == 0
+	var done chan struct{}
 	if last {
 		delete(m.open, id)
+		if e.base != nil {
+			done = make(chan struct{})
+			m.closing[id] = done
+		}
 	}
 	m.mu.Unlock()
-	if !last || e.base == nil {
+	if done == nil {
 		return nil
 	}
 	err := e.base.close()
+	m.mu.Lock()
+	delete(m.closing, id)
+	m.mu.Unlock()
+	close(done)
 	m.Evict()
 	return err
 }
