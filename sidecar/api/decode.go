@@ -85,6 +85,10 @@ func DecodeCreate(r io.Reader) (*CreateRequest, error) {
 func DecodeWarm(r io.Reader) (*WarmRequest, error) {
 	data, err := io.ReadAll(io.LimitReader(r, MaxBody+1))
 	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, Errorf(http.StatusRequestEntityTooLarge, CodeTooLarge, "request body larger than %d bytes", MaxBody)
+		}
 		return nil, BadRequest(CodeBadJSON, "reading request body: %v", err)
 	}
 	var req WarmRequest

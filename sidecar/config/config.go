@@ -225,7 +225,8 @@ func ParseSize(s string) (int64, error) {
 		t = t[:len(t)-1]
 	}
 	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || v < 0 || v*mult > 1<<62 {
+	// !(v >= 0) also refuses NaN, which ParseFloat accepts.
+	if err != nil || !(v >= 0) || v*mult > 1<<62 {
 		return 0, fmt.Errorf("bad size %q (want a number with an optional K, M, G or T suffix)", s)
 	}
 	return int64(v * mult), nil

@@ -106,3 +106,16 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+// A size that is not a number is refused, whatever ParseFloat accepts.
+func TestParseSizeNaN(t *testing.T) {
+	for _, s := range []string{"NaN", "nan", "NaNK", "+Inf", "infinity"} {
+		if n, err := ParseSize(s); err == nil {
+			t.Errorf("ParseSize(%q) = %d, want an error", s, n)
+		}
+	}
+	p := write(t, "[cache]\nsize_budget = NaN\n")
+	if c, _, err := Load(p); err == nil {
+		t.Errorf("size_budget = NaN accepted: budget %d", c.CacheBudget)
+	}
+}

@@ -27,9 +27,11 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
+	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
 	"github.com/vmthunder/vmthunder/sidecar/layer/metrics"
 	"github.com/vmthunder/vmthunder/sidecar/nbd"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/origin/file"
 	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
 	"github.com/vmthunder/vmthunder/sidecar/stack"
 )
@@ -322,11 +324,13 @@ func (d *Daemon) open(e *export) error {
 	srv := nbd.NewServer(d.log.WithField("export", r.ID))
 	if err := srv.Add(r.ID, top); err != nil {
 		ex.Close()
+		d.mset.Forget(r.ID) // Wrap made the export's series
 		return err
 	}
 	ln, err := d.listenUnix(d.socketPath(r.ID))
 	if err != nil {
 		ex.Close()
+		d.mset.Forget(r.ID)
 		return fmt.Errorf("nbd socket: %w", err)
 	}
 	d.serveWG.Add(1)
@@ -667,11 +671,11 @@ func classify(err error) error {
 		return ae
 	case errors.Is(err, origin.ErrBadSpec):
 		return api.BadRequest(api.CodeBadOrigin, "%v", err)
-	case errors.Is(err, cache.ErrMismatch), errors.Is(err, cache.ErrInUse):
+	case errors.Is(err, cache.ErrMismatch), errors.Is(err, cache.ErrInUse), errors.Is(err, cow.ErrMismatch):
 		return api.Errorf(http.StatusConflict, api.CodeConflict, "%v", err)
 	case errors.Is(err, blockdev.ErrInvalid):
 		return api.BadRequest(api.CodeInvalid, "%v", err)
-	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission):
+	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission), errors.Is(err, file.ErrNotADisk):
 		return api.BadRequest(api.CodeOriginError, "%v", err)
 	}
 	return api.Errorf(http.StatusBadGateway, api.CodeOriginError, "%v", err)

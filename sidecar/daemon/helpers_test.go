@@ -11,13 +11,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/api/client"
 	"github.com/vmthunder/vmthunder/sidecar/config"
+	"github.com/vmthunder/vmthunder/sidecar/internal/syncbuf"
 )
 
 // env is one in-process daemon on its own directories.
@@ -27,7 +27,7 @@ type env struct {
 	cfg *config.Config
 	d   *Daemon
 	c   *client.Client
-	log *logBuf
+	log *syncbuf.Buffer // the daemon's log, for assertions
 }
 
 func newEnv(t *testing.T, mod func(*config.Config)) *env {
@@ -47,28 +47,10 @@ func newEnv(t *testing.T, mod func(*config.Config)) *env {
 	if mod != nil {
 		mod(cfg)
 	}
-	e := &env{t: t, dir: dir, cfg: cfg, log: &logBuf{}}
+	e := &env{t: t, dir: dir, cfg: cfg, log: &syncbuf.Buffer{}}
 	e.start()
 	t.Cleanup(func() { e.stop() })
 	return e
-}
-
-// logBuf collects the daemon's log for assertions.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func (e *env) start() {

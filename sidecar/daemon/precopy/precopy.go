@@ -52,6 +52,13 @@ func Copy(ctx context.Context, src, dst string, o Options) (int64, error) {
 		if errA == nil && errB == nil && os.SameFile(a, b) {
 			return 0, fmt.Errorf("%w: %s", ErrSame, dst)
 		}
+		// A regular dst is written to dst.part (opened O_TRUNC), so a
+		// source that is that file would be wiped before it is read.
+		if errB != nil || b.Mode()&os.ModeDevice == 0 {
+			if p, err := os.Stat(dst + ".part"); errA == nil && err == nil && os.SameFile(a, p) {
+				return 0, fmt.Errorf("%w: %s.part", ErrSame, dst)
+			}
+		}
 	}
 	in, err := origin.Open(origin.Spec{URL: src, ReadOnly: true})
 	if err != nil {

@@ -66,3 +66,24 @@ func TestCopyCanceled(t *testing.T) {
 		}
 	}
 }
+
+// A source that is the destination's temporary file (dst.part) is not
+// truncated: the copy refuses it like a copy onto itself.
+func TestCopyFromPartFile(t *testing.T) {
+	dir := t.TempDir()
+	dst := filepath.Join(dir, "img.raw")
+	src := dst + ".part"
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	if err := os.WriteFile(src, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Copy(context.Background(), src, dst, Options{}); !errors.Is(err, ErrSame) {
+		t.Errorf("copy from dst.part: %v", err)
+	}
+	if got, _ := os.ReadFile(src); !bytes.Equal(got, data) {
+		if got, _ := os.ReadFile(dst); !bytes.Equal(got, data) {
+			t.Fatal("the source was destroyed and the copy differs")
+		}
+	}
+}

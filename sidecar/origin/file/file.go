@@ -2,6 +2,7 @@
 package file
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +11,10 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"golang.org/x/sys/unix"
 )
+
+// ErrNotADisk is an origin path that is neither a regular file nor a block
+// device (a directory, a character device such as /dev/null, a socket).
+var ErrNotADisk = errors.New("neither a regular file nor a block device")
 
 // Dev is a file or block device read and written with pread/pwrite.
 type Dev struct {
@@ -38,7 +43,7 @@ func Open(path string, readOnly bool) (*Dev, error) {
 	switch {
 	case st.Mode().IsRegular():
 		d.size.Store(st.Size())
-	case st.Mode()&os.ModeDevice != 0:
+	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
 		d.blockDev = true
 		end, err := f.Seek(0, io.SeekEnd)
 		if err != nil {
@@ -48,7 +53,7 @@ func Open(path string, readOnly bool) (*Dev, error) {
 		d.size.Store(end)
 	default:
 		f.Close()
-		return nil, fmt.Errorf("origin %s is neither a regular file nor a block device", path)
+		return nil, fmt.Errorf("origin %s: %w", path, ErrNotADisk)
 	}
 	return d, nil
 }

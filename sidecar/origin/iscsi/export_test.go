@@ -7,10 +7,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/vmthunder/vmthunder/sidecar/internal/syncbuf"
 	"github.com/vmthunder/vmthunder/sidecar/internal/tgt"
 )
 
@@ -34,7 +34,7 @@ func TestExportISCSI(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "export", "--socket", sock, tg.URL(0))
-	var log lockedBuffer
+	var log syncbuf.Buffer
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -65,22 +65,4 @@ func TestExportISCSI(t *testing.T) {
 	if o, err := exec.CommandContext(ctx, "qemu-img", "compare", "-f", "raw", "-F", "raw", tg.BackingFile, uri).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, o)
 	}
-}
-
-// lockedBuffer collects a child's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
