@@ -95,6 +95,8 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 		if _, err := w.Write(b[:n]); err != nil {
 			return false, err
 		}
+		// As with GO: contexts chosen for another export do not carry over.
+		sess.metaCtx = sess.metaCtx && sess.metaExport == string(data)
 		sess.export = e
 		return true, nil
 	case optAbort:
@@ -201,6 +203,10 @@ func writeInfos(w *bufio.Writer, opt uint32, e *export, structured bool, name st
 // metaContext handles LIST_ and SET_META_CONTEXT; only base:allocation exists.
 func (s *Server) metaContext(w *bufio.Writer, sess *session, opt uint32, d []byte) error {
 	bad := func(msg string) error { return writeOptReply(w, opt, repErrInvalid, []byte(msg)) }
+	if opt == optSetMetaContext {
+		// SET replaces the previous selection even when it fails.
+		sess.metaCtx = false
+	}
 	if opt == optSetMetaContext && !sess.structured {
 		return bad("SET_META_CONTEXT needs structured replies first")
 	}

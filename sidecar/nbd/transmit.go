@@ -114,6 +114,8 @@ func (c *conn) readLoop() {
 		if req.typ == cmdWrite {
 			if req.length > c.maxBlock {
 				// Drain the payload so the stream stays in step, then refuse.
+				// Draining waits on the client: send the reads started.
+				c.unplug()
 				if _, err := io.CopyN(io.Discard, c.r, int64(req.length)); err != nil {
 					return
 				}
@@ -169,18 +171,36 @@ func (c *conn) readAsync(req request) bool {
 	buf := getBuf(int(length))
 	c.plugged = true
 	c.async.ReadAtAsync(buf, off, func(err error) {
+		var r reply
 		if err != nil {
 			putBuf(buf)
-			c.replies <- c.deviceError(req, err)
+			r = c.deviceError(req, err)
 		} else {
-			c.replies <- c.readReply(req, buf)
+			r = c.readReply(req, buf)
 		}
-		c.srv.inFlight.Add(-1)
-		c.srv.requests.Add(1)
-		<-c.slots
-		c.running.Done()
+		// done must not block the device's goroutine (it may serve every
+		// connection) behind a client that is slow to read its replies.
+		// The slot is held until the reply is queued, so at most
+		// MaxInFlight goroutines wait here.
+		select {
+		case c.replies <- r:
+			c.asyncDone()
+		default:
+			go func() {
+				c.replies <- r
+				c.asyncDone()
+			}()
+		}
 	})
 	return true
+}
+
+// asyncDone ends an asynchronous READ whose reply is queued.
+func (c *conn) asyncDone() {
+	c.srv.inFlight.Add(-1)
+	c.srv.requests.Add(1)
+	<-c.slots
+	c.running.Done()
 }
 
 // dispatch hands j to an idle worker, starts a new one while fewer than
@@ -272,6 +292,10 @@ func (c *conn) handle(req request, payload []byte) reply {
 	case cmdFlush:
 		return c.statusReply(req, c.dev.Flush())
 	case cmdCache:
+		// Advertising SEND_CACHE obliges us to refuse flags we do not know.
+		if req.flags&^cmdFlagFUA != 0 {
+			return c.errorReply(req, errInval, fmt.Sprintf("unknown flags %#x for cache", req.flags))
+		}
 		if !inRange {
 			return c.errorReply(req, errInval, "cache request beyond the end of the export: "+where())
 		}
@@ -297,6 +321,11 @@ func (c *conn) handle(req request, payload []byte) reply {
 func (c *conn) readReply(req request, buf []byte) reply {
 	if !c.sess.structured {
 		return simpleReply(req.cookie, 0, buf, true)
+	}
+	if len(buf) == 0 {
+		// OFFSET_DATA must carry at least one byte: say "done" instead.
+		putBuf(buf)
+		return chunkReply(req.cookie, replyTypeNone, nil, nil, false)
 	}
 	var prefix [8]byte
 	binary.BigEndian.PutUint64(prefix[:], req.offset)
