@@ -24,3 +24,26 @@ func TestDeriveBaseIDKeepsPasswordsOutAndIgnoresPortal(t *testing.T) {
 		t.Fatal("different LUNs share a base id")
 	}
 }
+
+// An iscsi:// URL the parser refuses (here: no /iqn/lun) still carries its
+// credentials; the daemon derives and logs the base id before it opens the
+// origin, so the id must not hold the password (nor depend on it).
+func TestDeriveBaseIDUnparsableISCSIURLKeepsPasswordOut(t *testing.T) {
+	for _, u := range []string{
+		"iscsi://user%s3cretpw@host",
+		"iscsi://user%s3cretpw@",
+		"iscsi://user%s3cretpw@host/iqn/notalun",
+	} {
+		id, err := DeriveBaseID(origin.Spec{URL: u})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(id, "s3cretpw") {
+			t.Errorf("DeriveBaseID(%q) = %q: holds the password", u, id)
+		}
+		other, _ := DeriveBaseID(origin.Spec{URL: strings.Replace(u, "s3cretpw", "other", 1)})
+		if other != id {
+			t.Errorf("base id of %q depends on the password: %q vs %q", u, id, other)
+		}
+	}
+}

@@ -213,6 +213,14 @@ func DeriveBaseID(spec origin.Spec) (string, error) {
 		// The target and LUN name the volume; the portal and the
 		// credentials do not (and the password must not reach a file name).
 		key = fmt.Sprintf("iscsi/%s/%d", is.Portals[0].IQN, is.Portals[0].LUN)
+	} else if rest, ok := strings.CutPrefix(spec.URL, "iscsi://"); ok {
+		// Unparsable, but it may still hold user%password@ (which
+		// url.Parse often refuses): drop it as ParseURL would, up to the
+		// last '@', before the URL is hashed or named after.
+		if at := strings.LastIndex(rest, "@"); at >= 0 {
+			rest = rest[at+1:]
+		}
+		key = "iscsi://" + rest
 	} else if u, err := url.Parse(spec.URL); err == nil && u.Scheme != "" {
 		u.User = nil
 		key = u.String()

@@ -29,9 +29,11 @@ func init() {
 
 func newClient() *client.Client { return client.New(apiSocket) }
 
-// ctx bounds one CLI call against a hung daemon.
+// cliTimeout bounds one CLI call against a hung daemon.
+var cliTimeout = 10 * time.Minute
+
 func cliCtx() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), 10*time.Minute)
+	return context.WithTimeout(context.Background(), cliTimeout)
 }
 
 func printJSON(v any) error {
@@ -165,8 +167,8 @@ func runWarm(args []string) error {
 	}
 	c := newClient()
 	ctx, cancel := cliCtx()
-	defer cancel()
 	st, err := c.Warm(ctx, base, req)
+	cancel()
 	if err != nil {
 		return err
 	}
@@ -179,7 +181,11 @@ func runWarm(args []string) error {
 		bar = progressbar.DefaultBytes(st.TotalBytes, "warm "+base)
 	}
 	for {
+		// A bound per poll, not for the whole wait: a large base may take
+		// longer than cliTimeout to warm, and that is not a failure.
+		ctx, cancel := cliCtx()
 		b, err := c.Base(ctx, base)
+		cancel()
 		if err != nil {
 			return err
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
@@ -69,6 +70,9 @@ func runExport(args []string) error {
 		// --write-through a cached export is read-only.
 		mode = stack.ModeReadOnly
 	}
+	if *chunk != "" && *cacheDir == "" {
+		return errors.New("--chunk-size sizes the cache's chunks: give --cache too")
+	}
 	var chunkSize int64
 	var err error
 	if *chunk != "" {
@@ -109,6 +113,13 @@ func runExport(args []string) error {
 		if st, serr := os.Lstat(*socket); serr == nil && st.Mode()&os.ModeSocket == 0 {
 			dev.Close()
 			return fmt.Errorf("--socket %s exists and is not a socket", *socket)
+		}
+		// A live one is another server's: taking it over would hand its
+		// clients (QEMU reconnecting) a different disk.
+		if c, derr := net.DialTimeout("unix", *socket, time.Second); derr == nil {
+			c.Close()
+			dev.Close()
+			return fmt.Errorf("--socket %s is in use by a running server", *socket)
 		}
 		os.Remove(*socket)
 		l, err = net.Listen("unix", *socket)

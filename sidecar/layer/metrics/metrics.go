@@ -106,8 +106,9 @@ func Wrap(dev blockdev.Device, set *Set, name string) *Dev {
 	return d
 }
 
-// Unwrap is the device below.
-func (d *Dev) Unwrap() blockdev.Device { return d.next }
+// Dev has no Unwrap on purpose: it is not a pure wrapper, and the NBD
+// server would send reads to an asynchronous path below (blockdev.AsyncOf)
+// without counting them.
 
 // Counters returns the export's totals.
 func (d *Dev) Counters() Counters {

@@ -153,3 +153,27 @@ func TestCause(t *testing.T) {
 		}
 	}
 }
+
+// asyncDev is a device with an asynchronous read path, like the iSCSI
+// origin.
+type asyncDev struct{ blockdev.Device }
+
+func (a asyncDev) ReadAtAsync(p []byte, off int64, done func(error)) {
+	_, err := a.ReadAt(p, off)
+	done(err)
+}
+func (a asyncDev) Unplug() {}
+
+// The NBD server reads through blockdev.AsyncOf when it finds a path; a
+// read taken there must not skip the counters.
+func TestAsyncReadsAreCounted(t *testing.T) {
+	d := Wrap(asyncDev{memdev.New(4096)}, nil, "x")
+	if a := blockdev.AsyncOf(d); a != nil {
+		a.ReadAtAsync(make([]byte, 512), 0, func(error) {})
+	} else if _, err := d.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if c := d.Counters(); c.ReadOps != 1 || c.ReadBytes != 512 {
+		t.Fatalf("a read the server sent was not counted: %+v", c)
+	}
+}

@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// startExport runs `vmthunder export` and waits for its socket to accept.
+func startExport(t *testing.T, sock string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"export", "--socket", sock}, args...)...)
+	var se bytes.Buffer
+	cmd.Stderr = &se
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return cmd, &se
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("export did not come up: %s", se.String())
+		}
+	}
+}
+
+// runBounded runs the binary for at most a few seconds; a run that is
+// still going (serving) counts as accepted.
+func runBounded(t *testing.T, args ...string) (stderr string, code int, served bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	var se bytes.Buffer
+	cmd.Stderr = &se
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		return se.String(), -1, true
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return se.String(), ee.ExitCode(), false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return se.String(), 0, false
+}
+
+// A second export on the socket of a running one must not take it over:
+// clients of the first (QEMU reconnecting) would get another disk.
+func TestExportRefusesLiveSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vmtx-") // short: socket paths <= 107 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	a, _ := randomFile(t, dir, "a.img", 64<<10)
+	b, _ := randomFile(t, dir, "b.img", 64<<10)
+	sock := filepath.Join(dir, "d.sock")
+	first, _ := startExport(t, sock, a)
+	se, code, served := runBounded(t, "export", "--socket", sock, b)
+	if served || code == 0 {
+		t.Fatalf("second export on a live socket: served %v, exit %d: %s", served, code, se)
+	}
+	if !strings.Contains(se, sock) {
+		t.Errorf("error does not name the socket: %s", se)
+	}
+	if c, err := net.Dial("unix", sock); err != nil {
+		t.Fatalf("first export's socket gone: %v", err)
+	} else {
+		c.Close()
+	}
+	first.Process.Signal(syscall.SIGTERM)
+	if err := first.Wait(); err != nil {
+		t.Fatalf("first export: %v", err)
+	}
+}
+
+// --chunk-size sizes the cache; without --cache there is none to size.
+func TestExportChunkSizeWithoutCacheRefused(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vmtx-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	a, _ := randomFile(t, dir, "a.img", 64<<10)
+	se, code, served := runBounded(t, "export", "--socket", filepath.Join(dir, "d.sock"), "--chunk-size", "1M", a)
+	if served || code == 0 || !strings.Contains(se, "--chunk-size") {
+		t.Fatalf("--chunk-size without --cache: served %v, exit %d: %s", served, code, se)
+	}
+}
