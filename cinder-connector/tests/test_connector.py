@@ -182,3 +182,49 @@ def test_sidecar_down_is_a_clear_error(tmp_path):
         c.disconnect_volume({"volume_id": "v"}, None)
     c.disconnect_volume({"volume_id": "v"}, None, ignore_errors=True)
     assert not c.check_valid_device("nbd+unix:///v")
+
+
+def test_a_conflict_is_not_taken_for_an_existing_export(env, conn):
+    """Only 409 "exists" means the export is already there: another 409
+    (here the base cache kept from an attach before Cinder extended the
+    volume) must come back with the sidecar's message, not a lookup of an
+    export that was never made."""
+    tgt, _ = env
+    props = tgt.connection_info("vol-conflict", chap=CHAP)
+    conn.connect_volume(props)
+    conn.disconnect_volume(props, None)
+    grow_lun(tgt, os.path.getsize(tgt.backing) + (16 << 20))
+    with pytest.raises(exception.BrickException) as e:
+        conn.connect_volume(props)
+    assert not isinstance(e.value, exception.VolumeDeviceNotFound), str(e.value)
+    assert "made for a base of" in str(e.value) and "no export" not in str(e.value)
+    assert conn.get_volume_paths(props) == []
+
+
+def test_an_export_the_sidecar_could_not_recreate_is_not_handed_out():
+    """After a sidecar restart an export whose target is down is in state
+    "error" (size 0, no NBD server): a connect that finds it must fail with
+    the sidecar's reason, not hand QEMU a socket nothing serves."""
+    work = pyharness.tempdir("vmt-brick-err-")
+    tgt = pyharness.Tgtd(work)
+    sidecar = pyharness.Sidecar(work)
+    try:
+        c = VMThunderConnector(socket_path=sidecar.api_socket)
+        props = tgt.connection_info("vol-down")
+        c.connect_volume(props)
+        sidecar.stop()
+        tgt.stop()
+        if os.path.exists(sidecar.api_socket):
+            os.remove(sidecar.api_socket)
+        sidecar = pyharness.Sidecar(work)
+        export = c.client.get_export("vol-down")
+        assert export["state"] == "error" and not os.path.exists(export["socket"]), export
+        with pytest.raises(exception.BrickException) as e:
+            c.connect_volume(props)
+        assert export["error"] in str(e.value)
+        c.disconnect_volume(props, None)
+        assert c.get_volume_paths(props) == []
+    finally:
+        sidecar.stop()
+        tgt.stop()  # a no-op when already stopped
+        pyharness.rmtree(work)

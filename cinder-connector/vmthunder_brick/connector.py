@@ -125,7 +125,7 @@ class VMThunderConnector(base.BaseLinuxConnector):
         try:
             export = self.client.create_export(request)
         except SidecarError as e:
-            if e.status != 409:
+            if e.code != "exists":  # a 409 "conflict" names another cause
                 raise brick_error(e, vid) from e
             # Already exported on this node (a retried attach, a reboot
             # rebuilding the XML): reuse it.
@@ -133,6 +133,11 @@ class VMThunderConnector(base.BaseLinuxConnector):
                 export = self.client.get_export(vid)
             except SidecarError as e2:
                 raise brick_error(e2, vid) from e2
+        if export.get("state") == "error":
+            # An existing export the sidecar could not re-create after a
+            # restart: nothing serves its socket.
+            msg = f"vmthunder export {vid}: not served: {export.get('error')}"
+            raise exception.BrickException(message=msg)
         return self.device_info(export)
 
     def disconnect_volume(self, connection_properties, device_info, force=False,
