@@ -257,7 +257,7 @@ func (c *conn) dialAny(first int) error {
 		}
 		errs = append(errs, err)
 		// A refused login will be refused on every path: say so at once.
-		if errors.Is(err, ErrAuth) {
+		if errors.Is(err, ErrAuth) || errors.Is(err, ErrClosed) {
 			break
 		}
 	}
@@ -302,6 +302,9 @@ func (c *conn) dial(i int) error {
 		return fail(fmt.Errorf("%w: %s: %s", ErrUnreachable, where, C.GoString(C.vt_error(vc))))
 	}
 	for vc.connect_done == 0 {
+		if c.closing() {
+			return fail(ErrClosed)
+		}
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: TCP connect to %s after %v", ErrTimeout, where, s.Timeout))
 		}
@@ -322,6 +325,9 @@ func (c *conn) dial(i int) error {
 		return fail(fmt.Errorf("%w: %s: %s", ErrLogin, where, C.GoString(C.vt_error(vc))))
 	}
 	for vc.login_done == 0 {
+		if c.closing() {
+			return fail(ErrClosed)
+		}
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: login to %s after %v", ErrTimeout, where, s.Timeout))
 		}
@@ -365,6 +371,17 @@ func (c *conn) dial(i int) error {
 	return nil
 }
 
+// closing says Close was called: a redial must not hold Close up for a
+// whole Timeout per portal.
+func (c *conn) closing() bool {
+	select {
+	case <-c.quit:
+		return true
+	default:
+		return false
+	}
+}
+
 // destroy frees a session nobody waits on (during dial and Open): the
 // commands it died under are released once libiscsi is done with them.
 func (c *conn) destroy(vc *C.vt_conn) {
@@ -389,6 +406,11 @@ func (c *conn) runSync(vc *C.vt_conn, r *request, deadline time.Time) error {
 				c.finish(f)
 				return r.err
 			}
+		}
+		if c.closing() {
+			// f stays in c.fly: the caller destroys vc, then releases it.
+			r.err = ErrClosed
+			return r.err
 		}
 		if vc.dead != 0 || time.Now().After(deadline) {
 			err := fmt.Errorf("%w: no answer to a command in %v", ErrTimeout, c.d.spec.Timeout)

@@ -320,3 +320,29 @@ func TestReconnectSamePortal(t *testing.T) {
 		}
 	}
 }
+
+// Close while a session logs in again to a portal that never answers
+// returns at once instead of waiting out the login timeout.
+func TestCloseDuringRedial(t *testing.T) {
+	tg := tgt.Start(t, tgt.Options{Size: 4 << 20, Portals: 2})
+	s := specOf(tg)
+	s.Timeout = 5 * time.Second
+	d := openT(t, s)
+	if err := tg.Signal(1, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tg.Signal(1, syscall.SIGCONT) })
+	tg.KillPortal(0)
+	for i := 0; d.conns[0].up.Load(); i++ {
+		if i > 100 {
+			t.Fatal("session still up after its portal died")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // now logging in to the silent portal
+	start := time.Now()
+	d.Close()
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("Close took %v", el)
+	}
+}

@@ -49,7 +49,8 @@ var ErrBadSpec = errors.New("bad origin")
 const defaultPort = 3260
 
 // ParseURL parses iscsi://[user[%password]@]host[:port]/iqn/lun, the form
-// QEMU and libiscsi take. The IQN may carry %XX escapes (%3A for ':').
+// QEMU and libiscsi take (libiscsi also takes user:password). The IQN may
+// carry %XX escapes (%3A for ':').
 func ParseURL(raw string) (Spec, error) {
 	bad := func(why string) (Spec, error) {
 		return Spec{}, fmt.Errorf("%w: iscsi URL %s: %s", ErrBadSpec, Redact(raw), why)
@@ -64,7 +65,7 @@ func ParseURL(raw string) (Spec, error) {
 	if at := strings.LastIndex(rest, "@"); at >= 0 {
 		user := rest[:at]
 		rest = rest[at+1:]
-		u, p, hasPass := strings.Cut(user, "%")
+		u, p, hasPass := cutCredentials(user)
 		if u == "" || !hasPass {
 			return bad("credentials must be user%password")
 		}
@@ -96,6 +97,15 @@ func ParseURL(raw string) (Spec, error) {
 	}
 	s.Portals = []Portal{{Addr: addr, IQN: iqn, LUN: lun}}
 	return s, nil
+}
+
+// cutCredentials splits user%password, or user:password when there is no
+// '%', as libiscsi does (so QEMU-style URLs with ':' work and are redacted).
+func cutCredentials(s string) (user, password string, ok bool) {
+	if u, p, ok := strings.Cut(s, "%"); ok {
+		return u, p, true
+	}
+	return strings.Cut(s, ":")
 }
 
 func unescape(s string) (string, error) {
@@ -314,13 +324,24 @@ func Redact(raw string) string {
 	if !ok {
 		return raw
 	}
+	// libiscsi also takes the target's secret (mutual CHAP) as a query
+	// parameter.
+	const tp = "target_password="
+	if i := strings.Index(rest, tp); i >= 0 {
+		end := i + len(tp)
+		j := strings.IndexAny(rest[end:], "&#")
+		if j < 0 {
+			j = len(rest) - end
+		}
+		rest = rest[:end] + "***" + rest[end+j:]
+	}
 	at := strings.LastIndex(rest, "@")
 	if at < 0 {
-		return raw
+		return "iscsi://" + rest
 	}
-	user, _, hasPass := strings.Cut(rest[:at], "%")
+	user, _, hasPass := cutCredentials(rest[:at])
 	if !hasPass {
-		return raw
+		return "iscsi://" + rest
 	}
 	return "iscsi://" + user + "%***@" + rest[at+1:]
 }

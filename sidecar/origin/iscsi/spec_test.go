@@ -39,6 +39,24 @@ func TestParseURL(t *testing.T) {
 	if r := Redact("iscsi://u%secret@h/iqn/1"); r != "iscsi://u%***@h/iqn/1" {
 		t.Fatalf("redact: %s", r)
 	}
+	// libiscsi also takes user:password: parse it, and never echo it.
+	s, err = ParseURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/1")
+	if err != nil || s.User != "alice" || s.Password != "topsecret" {
+		t.Fatalf("user:password form: %+v %v", s, err)
+	}
+	if _, err := ParseURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/x"); err == nil || strings.Contains(err.Error(), "topsecret") {
+		t.Fatalf("error leaks the password: %v", err)
+	}
+	if r := Redact("iscsi://alice:topsecret@h/iqn/1"); strings.Contains(r, "topsecret") {
+		t.Fatalf("redact: %s", r)
+	}
+	// The target's secret (mutual CHAP) as libiscsi takes it.
+	if _, err := ParseURL("iscsi://u%p@h/iqn/x?target_user=t&target_password=tsecret"); err == nil || strings.Contains(err.Error(), "tsecret") {
+		t.Fatalf("error leaks the target password: %v", err)
+	}
+	if r := Redact("iscsi://h/iqn/1?target_password=tsecret&header_digest=none"); r != "iscsi://h/iqn/1?target_password=***&header_digest=none" {
+		t.Fatalf("redact: %s", r)
+	}
 }
 
 func TestParseConnectionInfo(t *testing.T) {

@@ -281,7 +281,10 @@ int vt_service(vt_conn *c, int in)
 	if (iscsi_service(c->iscsi, ev) < 0)
 		goto dead;
 	// Responses open the target's command window (MaxCmdSN): send what
-	// waited for it.
+	// waited for it, unless the first pass found the session dead (its
+	// timeout scan may have freed tasks whose Data-Out is still queued).
+	if (c->dead)
+		return -1;
 	if (in && (iscsi_which_events(c->iscsi) & POLLOUT) &&
 	    iscsi_service(c->iscsi, POLLOUT) < 0)
 		goto dead;
