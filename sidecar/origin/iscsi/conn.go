@@ -10,7 +10,6 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -53,45 +52,37 @@ type inflight struct {
 	start  time.Time
 }
 
-// conn is one session, served by three goroutines while it is up: the
-// submitter writes queued commands to the socket, a batch at a time (so
-// they share TCP segments), the loop waits for responses on Go's network
-// poller and completes requests, and the flusher waits for room when the
-// socket is full. libiscsi is not thread safe: every call is under mu. No
-// goroutine blocks inside C: a blocking cgo call costs an OS thread
-// hand-off per wake-up, which at 4 KiB random reads cost more than the
-// iSCSI work itself.
+// conn is one session, driven by its own goroutine (loop). Other
+// goroutines only enqueue requests and read its state.
 type conn struct {
-	d   *Dev
-	idx int
+	d      *Dev
+	idx    int
+	wakefd int
+
+	mu      sync.Mutex
+	queue   []*request
+	polling bool // loop is (about to be) blocked in poll: wake it
 
 	up      atomic.Bool
-	started atomic.Bool  // loop is running: it owns the session's lifetime
-	load    atomic.Int32 // queued or in flight, for picking a session
+	started atomic.Bool  // loop is running: it owns vc and closes wakefd
+	load    atomic.Int32 // queued + in flight
 	portal  int          // index of the portal in use (loop goroutine only)
-	dialed  *C.vt_conn   // logged in, not yet attached (loop goroutine only)
 	lastErr atomic.Pointer[error]
 
-	qmu       sync.Mutex
-	queue     []*request // waiting for the submitter
-	accepting bool       // the session is attached: queue, don't fail
-	held      atomic.Bool
-
-	mu   sync.Mutex
-	vc   *C.vt_conn // nil while the session is down
-	sock *os.File   // a dup of libiscsi's socket, registered with Go's poller
+	vc   *C.vt_conn // loop goroutine only (and dial before the loop starts)
 	fly  map[uint64]*inflight
 	next uint64
-
-	wake chan struct{} // commands are queued: the submitter sends them
-	kick chan struct{} // the socket was full: the flusher waits for room
 	quit chan struct{}
 	gone chan struct{}
 }
 
 func newConn(d *Dev, idx int) (*conn, error) {
-	return &conn{d: d, idx: idx, fly: map[uint64]*inflight{}, wake: make(chan struct{}, 1),
-		kick: make(chan struct{}, 1), quit: make(chan struct{}), gone: make(chan struct{})}, nil
+	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	return &conn{d: d, idx: idx, wakefd: fd, fly: map[uint64]*inflight{},
+		quit: make(chan struct{}), gone: make(chan struct{})}, nil
 }
 
 func (c *conn) setErr(err error) { c.lastErr.Store(&err) }
@@ -103,145 +94,43 @@ func (c *conn) err() error {
 	return nil
 }
 
-// start queues r for the submitter and wakes it; r ends (r.done closes,
-// or r.cb runs) when the target answers or the command fails.
-func (c *conn) start(r *request) {
-	if c.enqueue(r) {
-		c.signal()
-	}
-}
+// enqueue hands r to the loop.
+func (c *conn) enqueue(r *request) { c.add(r, false) }
 
-// startHeld queues r without waking the submitter: release does.
-func (c *conn) startHeld(r *request) {
-	if c.enqueue(r) {
-		c.held.Store(true)
-	}
-}
+// enqueueHeld queues r without waking the loop: release does, so commands
+// started together go out together.
+func (c *conn) enqueueHeld(r *request) { c.add(r, true) }
 
-// release wakes the submitter for commands startHeld queued.
-func (c *conn) release() {
-	if c.held.Swap(false) {
-		c.signal()
-	}
-}
-
-func (c *conn) enqueue(r *request) bool {
+func (c *conn) add(r *request, hold bool) {
 	c.load.Add(1)
-	c.qmu.Lock()
-	if !c.accepting {
-		c.qmu.Unlock()
-		r.err = c.err()
-		if r.err == nil {
-			r.err = fmt.Errorf("%w: session down", ErrConnection)
-		}
-		r.transport = true
-		c.complete(r)
-		return false
-	}
-	c.queue = append(c.queue, r)
-	c.qmu.Unlock()
-	return true
-}
-
-func (c *conn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-// submitter sends what is queued, corked when there are several, so a
-// batch leaves in as few TCP segments (and target wake-ups) as fit.
-func (c *conn) submitter(stop, done chan struct{}) {
-	defer close(done)
-	var q []*request
-	for {
-		select {
-		case <-stop:
-			return
-		case <-c.wake:
-		}
-		c.qmu.Lock()
-		q, c.queue = c.queue, q[:0]
-		c.qmu.Unlock()
-		if len(q) == 0 {
-			continue
-		}
-		var ended []*request
-		c.mu.Lock()
-		if c.vc == nil {
-			c.mu.Unlock()
-			for _, r := range q {
-				r.err, r.transport = fmt.Errorf("%w: session down", ErrConnection), true
-			}
-			c.completeAll(q)
-			clear(q)
-			continue
-		}
-		for _, r := range q {
-			if c.submit(c.vc, r) == nil {
-				ended = append(ended, r)
-			}
-		}
-		st := C.vt_push(c.vc, C.int(boolInt(len(q) > 1)))
-		ended = c.popLocked(ended)
-		c.mu.Unlock()
-		clear(q) // the requests are the loop's now
-		c.completeAll(ended)
-		c.after(st)
-	}
-}
-
-// popLocked collects finished commands into ended.
-func (c *conn) popLocked(ended []*request) []*request {
-	for cr := C.vt_pop(c.vc); cr != nil; cr = C.vt_pop(c.vc) {
-		if f := c.fly[uint64(cr.id)]; f != nil {
-			c.finish(f)
-			ended = append(ended, f.r)
-		}
-	}
-	return ended
-}
-
-// serviceLocked runs libiscsi without blocking and collects what finished.
-func (c *conn) serviceLocked(in bool) ([]*request, C.int) {
-	st := C.vt_service(c.vc, C.int(boolInt(in)))
-	return c.popLocked(nil), st
-}
-
-// after acts on vt_service's verdict outside the lock.
-func (c *conn) after(st C.int) {
-	switch {
-	case st < 0:
-		c.poke() // the loop notices the dead session and drops it
-	case st > 0:
-		select {
-		case c.kick <- struct{}{}:
-		default:
-		}
-	}
-}
-
-// poke wakes the loop out of its wait on the socket.
-func (c *conn) poke() {
 	c.mu.Lock()
-	if c.sock != nil {
-		c.sock.SetReadDeadline(time.Now())
+	c.queue = append(c.queue, r)
+	wake := c.polling && !hold
+	if wake {
+		c.polling = false
 	}
 	c.mu.Unlock()
-}
-
-func (c *conn) completeAll(rs []*request) {
-	for _, r := range rs {
-		c.complete(r)
+	if wake {
+		c.wake()
 	}
 }
 
-func boolInt(b bool) int {
-	if b {
-		return 1
+// release wakes the loop for what enqueueHeld queued.
+func (c *conn) release() {
+	c.mu.Lock()
+	wake := c.polling && len(c.queue) > 0
+	if wake {
+		c.polling = false
 	}
-	return 0
+	c.mu.Unlock()
+	if wake {
+		c.wake()
+	}
+}
+
+func (c *conn) wake() {
+	var one = [8]byte{1}
+	unix.Write(c.wakefd, one[:])
 }
 
 // dialAny logs in through the portals starting at first, trying each once.
@@ -288,7 +177,7 @@ func (c *conn) dial(i int) error {
 	if tsec < 1 {
 		tsec = 1
 	}
-	vc := C.vt_new(cInit, cIQN, C.int(p.LUN), cUser, cPass, C.int(tsec))
+	vc := C.vt_new(cInit, cIQN, C.int(p.LUN), cUser, cPass, C.int(tsec), C.int(c.wakefd))
 	if vc == nil {
 		return fmt.Errorf("iscsi: cannot create a libiscsi context")
 	}
@@ -308,7 +197,7 @@ func (c *conn) dial(i int) error {
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: TCP connect to %s after %v", ErrTimeout, where, s.Timeout))
 		}
-		if C.vt_poll(vc, 100) < 0 && vc.connect_done == 0 {
+		if C.vt_poll(vc, 100, 0) < 0 && vc.connect_done == 0 {
 			break
 		}
 	}
@@ -331,7 +220,7 @@ func (c *conn) dial(i int) error {
 		if time.Now().After(deadline) {
 			return fail(fmt.Errorf("%w: login to %s after %v", ErrTimeout, where, s.Timeout))
 		}
-		if C.vt_poll(vc, 100) < 0 && vc.login_done == 0 {
+		if C.vt_poll(vc, 100, 0) < 0 && vc.login_done == 0 {
 			break
 		}
 	}
@@ -367,7 +256,7 @@ func (c *conn) dial(i int) error {
 		}
 		return fail(fmt.Errorf("%s: %w", where, err))
 	}
-	c.dialed = vc
+	c.vc = vc
 	return nil
 }
 
@@ -422,7 +311,7 @@ func (c *conn) runSync(vc *C.vt_conn, r *request, deadline time.Time) error {
 			r.err = err
 			return err
 		}
-		C.vt_poll(vc, 100)
+		C.vt_poll(vc, 100, 0)
 	}
 }
 
@@ -501,35 +390,28 @@ func (c *conn) deadErr(vc *C.vt_conn) error {
 	return fmt.Errorf("%w: portal %s: %s", ErrConnection, p.Addr, msg)
 }
 
-// tick is how often the loop runs libiscsi's timeout scan and looks for a
-// socket closed while idle (libiscsi notices EOF only when it reads).
-const tick = 250 * time.Millisecond
-
-// loop logs the session in (again), then serves it until it drops.
+// loop drives the session: submits queued requests, services libiscsi,
+// completes requests, and reconnects (to the next portal first) when the
+// session drops.
 func (c *conn) loop() {
 	defer close(c.gone)
 	backoff := 50 * time.Millisecond
 	for {
 		select {
 		case <-c.quit:
-			c.drop(ErrClosed)
+			c.teardown(ErrClosed)
 			return
 		default:
 		}
-		c.mu.Lock()
-		down := c.vc == nil
-		c.mu.Unlock()
-		if down {
+		if c.vc == nil {
 			c.up.Store(false)
+			c.failQueued()
 			err := c.dialAny((c.portal + 1) % len(c.d.spec.Portals))
-			if err == nil {
-				err = c.attach()
-			}
 			if err != nil {
 				c.setErr(err)
 				select {
 				case <-c.quit:
-					c.drop(ErrClosed)
+					c.teardown(ErrClosed)
 					return
 				case <-time.After(backoff):
 				}
@@ -540,175 +422,99 @@ func (c *conn) loop() {
 			c.up.Store(true)
 			c.d.notifyUp()
 		}
-		err := c.serve()
-		c.setErr(err)
-		c.up.Store(false)
-		c.drop(err)
-	}
-}
+		vc := c.vc
 
-// attach publishes the session dial left in c.dialed to other goroutines
-// and registers its socket with Go's poller. The dup shares the socket
-// (and libiscsi's O_NONBLOCK); closing it leaves libiscsi's descriptor
-// alone.
-func (c *conn) attach() error {
-	vc := c.dialed
-	c.dialed = nil
-	fd, err := unix.FcntlInt(uintptr(C.vt_fd(vc)), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		c.destroy(vc)
-		return fmt.Errorf("%w: dup socket: %v", ErrConnection, err)
-	}
-	sock := os.NewFile(uintptr(fd), "iscsi")
-	if err := sock.SetReadDeadline(time.Time{}); err != nil {
-		sock.Close()
-		c.destroy(vc)
-		return fmt.Errorf("%w: socket cannot use the poller: %v", ErrConnection, err)
-	}
-	c.mu.Lock()
-	c.vc, c.sock = vc, sock
-	c.mu.Unlock()
-	c.qmu.Lock()
-	c.accepting = true
-	c.qmu.Unlock()
-	return nil
-}
-
-// serve waits for responses on the poller and completes them until the
-// session dies or the device closes. It returns why it stopped.
-func (c *conn) serve() error {
-	c.mu.Lock()
-	sock, vc := c.sock, c.vc
-	c.mu.Unlock()
-	if sock == nil || vc == nil {
-		return fmt.Errorf("%w: session down", ErrConnection)
-	}
-	raw, err := sock.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrConnection, err)
-	}
-	stop, flushDone, submitDone := make(chan struct{}), make(chan struct{}), make(chan struct{})
-	defer func() {
-		// Stop the helpers: closing the dup wakes the flusher from a wait
-		// for room.
-		close(stop)
 		c.mu.Lock()
-		c.sock = nil
+		q := c.queue
+		c.queue = nil
+		idle := len(q) == 0
+		c.polling = idle
 		c.mu.Unlock()
-		sock.Close()
-		<-flushDone
-		<-submitDone
-	}()
-	go c.flusher(raw, stop, flushDone)
-	go c.submitter(stop, submitDone)
-	c.signal() // commands queued before the session was served
-
-	dead := false
-	service := func() {
+		for _, r := range q {
+			if c.submit(vc, r) == nil {
+				c.complete(r)
+			}
+		}
+		timeout := 0
+		if idle {
+			timeout = 250
+		}
+		dead := C.vt_poll(vc, C.int(timeout), 1) < 0
 		c.mu.Lock()
-		done, st := c.serviceLocked(true)
+		c.polling = false
 		c.mu.Unlock()
-		c.completeAll(done)
-		if st < 0 {
-			dead = true
-		} else if st > 0 {
-			c.after(st)
-		}
-	}
-	for {
-		select {
-		case <-c.quit:
-			return ErrClosed
-		default:
-		}
-		sock.SetReadDeadline(time.Now().Add(tick))
-		err := raw.Read(func(uintptr) bool {
-			service()
-			return dead
-		})
-		if dead {
-			return c.deadErr(vc)
-		}
-		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("%w: %v", ErrConnection, err)
-		}
-		// Every tick (or poke): timeouts, and EOF on an idle socket.
-		service()
-		if dead || c.overdue() {
-			return c.deadErr(vc)
-		}
-	}
-}
-
-// flusher writes queued commands when the socket has room again.
-func (c *conn) flusher(raw syscall.RawConn, stop, done chan struct{}) {
-	defer close(done)
-	for {
-		select {
-		case <-stop:
-			return
-		case <-c.kick:
-		}
-		err := raw.Write(func(uintptr) bool {
-			c.mu.Lock()
-			if c.vc == nil {
-				c.mu.Unlock()
-				return true
+		for cr := C.vt_pop(vc); cr != nil; cr = C.vt_pop(vc) {
+			if f := c.fly[uint64(cr.id)]; f != nil {
+				c.finish(f)
+				c.complete(f.r)
 			}
-			done, st := c.serviceLocked(false)
-			c.mu.Unlock()
-			c.completeAll(done)
-			if st < 0 {
-				c.poke()
+		}
+		if !dead && len(c.fly) > 0 {
+			// Backstop for libiscsi's own timeouts.
+			limit := c.d.spec.Timeout + 2*time.Second
+			for _, f := range c.fly {
+				if time.Since(f.start) > limit {
+					dead = true
+					break
+				}
 			}
-			return st <= 0
-		})
-		if err != nil {
-			return // the socket was closed: the session is over
+		}
+		if dead || vc.dead != 0 {
+			err := c.deadErr(vc)
+			c.setErr(err)
+			c.up.Store(false)
+			c.drop(err)
 		}
 	}
-}
-
-// overdue is a backstop for libiscsi's own timeouts.
-func (c *conn) overdue() bool {
-	limit := c.d.spec.Timeout + 2*time.Second
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, f := range c.fly {
-		if time.Since(f.start) > limit {
-			return true
-		}
-	}
-	return false
 }
 
 // drop destroys the session and fails what was in flight as transport
 // errors, which the device retries on another session.
 func (c *conn) drop(err error) {
-	transport := !errors.Is(err, ErrClosed)
-	c.qmu.Lock()
-	c.accepting = false
-	failed := c.queue
-	c.queue = nil
-	c.qmu.Unlock()
-	for _, r := range failed {
-		r.err, r.transport = err, transport
-	}
-	c.mu.Lock()
 	vc := c.vc
 	c.vc = nil
-	if vc != nil {
-		C.vt_free(vc) // libiscsi lets go of every buffer here
-		for id, f := range c.fly {
-			delete(c.fly, id)
-			f.pinner.Unpin()
-			C.vt_req_release(f.cr)
-			f.r.err, f.r.transport = err, transport
-			failed = append(failed, f.r)
-		}
+	if vc == nil {
+		return
 	}
+	C.vt_free(vc) // libiscsi lets go of every buffer here
+	for id, f := range c.fly {
+		delete(c.fly, id)
+		f.pinner.Unpin()
+		C.vt_req_release(f.cr)
+		f.r.err = err
+		f.r.transport = true
+		c.complete(f.r)
+	}
+}
+
+func (c *conn) failQueued() {
+	c.mu.Lock()
+	q := c.queue
+	c.queue = nil
 	c.mu.Unlock()
-	c.completeAll(failed)
+	err := c.err()
+	if err == nil {
+		err = ErrConnection
+	}
+	for _, r := range q {
+		r.err = err
+		r.transport = true
+		c.complete(r)
+	}
+}
+
+func (c *conn) teardown(err error) {
+	c.up.Store(false)
+	c.drop(err)
+	c.mu.Lock()
+	q := c.queue
+	c.queue = nil
+	c.mu.Unlock()
+	for _, r := range q {
+		r.err = err
+		c.complete(r)
+	}
+	unix.Close(c.wakefd)
 }
 
 func (c *conn) complete(r *request) {
@@ -719,3 +525,7 @@ func (c *conn) complete(r *request) {
 	}
 	close(r.done)
 }
+
+func writeWake(fd int, b []byte) { unix.Write(fd, b) }
+
+func closeFD(fd int) { unix.Close(fd) }

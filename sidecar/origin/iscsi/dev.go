@@ -97,12 +97,8 @@ func Open(s Spec) (*Dev, error) {
 		return nil, fmt.Errorf("open %s: %w", s, err)
 	}
 	if err := d.readCapacity(first); err != nil {
-		first.destroy(first.dialed)
-		first.dialed = nil
-		d.closeConns()
-		return nil, fmt.Errorf("open %s: %w", s, err)
-	}
-	if err := first.attach(); err != nil {
+		first.destroy(first.vc)
+		first.vc = nil
 		d.closeConns()
 		return nil, fmt.Errorf("open %s: %w", s, err)
 	}
@@ -126,10 +122,10 @@ func (d *Dev) readCapacity(c *conn) error {
 	var r *request
 	for try := 0; ; try++ {
 		r = newRequest(C.VT_RC16, 0, 0, nil)
-		err := c.runSync(c.dialed, r, deadline)
+		err := c.runSync(c.vc, r, deadline)
 		if err != nil && !r.transport && !r.retry {
 			r = newRequest(C.VT_RC10, 0, 0, nil)
-			err = c.runSync(c.dialed, r, deadline)
+			err = c.runSync(c.vc, r, deadline)
 		}
 		if err == nil {
 			break
@@ -216,7 +212,7 @@ func (d *Dev) do(r *request) error {
 		}
 		r.err, r.transport, r.retry = nil, false, false
 		r.done, r.cb = make(chan struct{}), nil
-		c.start(r)
+		c.enqueue(r)
 		<-r.done
 		if r.err == nil || !(r.transport || r.retry) || d.closed.Load() {
 			return r.err
@@ -293,7 +289,7 @@ func (d *Dev) ReadAtAsync(p []byte, off int64, done func(error)) {
 		}
 		done(nil)
 	}
-	c.startHeld(r)
+	c.enqueueHeld(r)
 }
 
 // Unplug sends the commands ReadAtAsync queued.
@@ -485,24 +481,17 @@ func (d *Dev) closeConns() {
 		}
 	}
 	for _, c := range d.conns {
+		if !c.started.Load() && c.vc != nil {
+			c.destroy(c.vc)
+			c.vc = nil
+		}
 		if c.started.Load() {
-			c.poke()
+			var one = [8]byte{1}
+			writeWake(c.wakefd, one[:])
 			<-c.gone
-			continue
+		} else {
+			closeFD(c.wakefd)
 		}
-		// Open failed before the loops started.
-		if c.dialed != nil {
-			c.destroy(c.dialed)
-			c.dialed = nil
-		}
-		c.mu.Lock()
-		sock := c.sock
-		c.sock = nil
-		c.mu.Unlock()
-		if sock != nil {
-			sock.Close()
-		}
-		c.drop(ErrClosed)
 	}
 }
 

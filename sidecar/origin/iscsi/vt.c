@@ -7,9 +7,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
+#include <time.h>
 #include <unistd.h>
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static void save_error(vt_conn *c)
 {
@@ -21,14 +27,15 @@ static void save_error(vt_conn *c)
 }
 
 vt_conn *vt_new(const char *initiator, const char *target, int lun,
-		const char *user, const char *pass, int timeout_s)
+		const char *user, const char *pass, int timeout_s, int wakefd)
 {
 	vt_conn *c = calloc(1, sizeof(*c));
 	if (c == NULL)
 		return NULL;
 	c->lun = lun;
+	c->wakefd = wakefd;
 	c->iscsi = iscsi_create_context(initiator);
-	if (c->iscsi == NULL) {
+	if (c->iscsi == NULL || c->wakefd < 0) {
 		vt_free(c);
 		return NULL;
 	}
@@ -212,43 +219,52 @@ int vt_submit(vt_conn *c, vt_req *r)
 	return 0;
 }
 
-// vt_poll waits up to timeout_ms for the socket and services libiscsi. It
-// is for connect and login, before the session is handed to Go's poller.
-// It returns -1 when the connection is gone.
-int vt_poll(vt_conn *c, int timeout_ms)
+// vt_poll waits up to timeout_ms for the socket (and the wake eventfd when
+// wake is set), services libiscsi, and runs its timeout scan about every
+// 250 ms. It returns -1 when the connection is gone.
+int vt_poll(vt_conn *c, int timeout_ms, int wake)
 {
-	struct pollfd pfd;
+	struct pollfd pfd[2];
 	int n, fd = iscsi_get_fd(c->iscsi);
+	int64_t now;
 
 	if (fd < 0) {
 		c->dead = 1;
 		return -1;
 	}
-	pfd.fd = fd;
-	pfd.events = iscsi_which_events(c->iscsi) | POLLRDHUP;
-	pfd.revents = 0;
-	n = poll(&pfd, 1, timeout_ms);
+	pfd[0].fd = fd;
+	pfd[0].events = iscsi_which_events(c->iscsi) | POLLRDHUP;
+	pfd[0].revents = 0;
+	pfd[1].fd = c->wakefd;
+	pfd[1].events = POLLIN;
+	pfd[1].revents = 0;
+	n = poll(pfd, wake ? 2 : 1, timeout_ms);
 	if (n < 0 && errno != EINTR) {
 		snprintf(c->err, sizeof(c->err), "poll: %s", strerror(errno));
 		c->dead = 1;
 		return -1;
 	}
-	if (pfd.revents & (POLLERR | POLLHUP | POLLRDHUP)) {
+	if (n > 0 && (pfd[1].revents & POLLIN)) {
+		uint64_t v;
+		ssize_t r = read(c->wakefd, &v, sizeof(v));
+		(void)r;
+	}
+	if (pfd[0].revents & (POLLERR | POLLHUP | POLLRDHUP)) {
 		int err = 0;
 		socklen_t l = sizeof(err);
 		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) == 0 && err != 0)
 			c->sock_errno = err;
 	}
-	if (pfd.revents != 0) {
+	if (pfd[0].revents != 0) {
 		// Service POLLIN before giving up on a closed socket: responses
 		// that arrived before the FIN are still good.
-		int ev = pfd.revents & ~POLLRDHUP;
+		int ev = pfd[0].revents & ~POLLRDHUP;
 		if (iscsi_service(c->iscsi, ev) < 0) {
 			save_error(c);
 			c->dead = 1;
 			return -1;
 		}
-		if (pfd.revents & (POLLERR | POLLHUP | POLLRDHUP)) {
+		if (pfd[0].revents & (POLLERR | POLLHUP | POLLRDHUP)) {
 			if (!c->dead) {
 				save_error(c);
 				if (c->err[0] == 0)
@@ -258,63 +274,16 @@ int vt_poll(vt_conn *c, int timeout_ms)
 			return -1;
 		}
 	}
-	if (iscsi_service(c->iscsi, 0) < 0) { // timeout scan
-		save_error(c);
-		c->dead = 1;
-		return -1;
+	now = now_ms();
+	if (now >= c->next_tick_ms) {
+		c->next_tick_ms = now + 250;
+		if (iscsi_service(c->iscsi, 0) < 0) {
+			save_error(c);
+			c->dead = 1;
+			return -1;
+		}
 	}
 	return c->dead ? -1 : 0;
-}
-
-// vt_service services a logged-in session without blocking, for Go's
-// poller: it reads whatever has arrived (when in is set), writes queued
-// commands, and scans for timeouts. It returns -1 when the connection is
-// gone, 1 when commands wait for room in the socket, 0 otherwise.
-int vt_service(vt_conn *c, int in)
-{
-	int ev = in ? POLLIN : 0;
-
-	if (c->dead)
-		return -1;
-	if (iscsi_which_events(c->iscsi) & POLLOUT)
-		ev |= POLLOUT;
-	if (iscsi_service(c->iscsi, ev) < 0)
-		goto dead;
-	// Responses open the target's command window (MaxCmdSN): send what
-	// waited for it, unless the first pass found the session dead (its
-	// timeout scan may have freed tasks whose Data-Out is still queued).
-	if (c->dead)
-		return -1;
-	if (in && (iscsi_which_events(c->iscsi) & POLLOUT) &&
-	    iscsi_service(c->iscsi, POLLOUT) < 0)
-		goto dead;
-	if (c->dead)
-		return -1;
-	return (iscsi_which_events(c->iscsi) & POLLOUT) ? 1 : 0;
-dead:
-	save_error(c);
-	c->dead = 1;
-	return -1;
-}
-
-// vt_push writes the queued commands; with cork set they leave in as few
-// TCP segments as fit, instead of one segment (and one wake-up of the
-// target) each. Same result as vt_service(c, 0).
-int vt_push(vt_conn *c, int cork)
-{
-	int fd = iscsi_get_fd(c->iscsi), on = 1, off = 0, r;
-
-	if (cork)
-		setsockopt(fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on));
-	r = vt_service(c, 0);
-	if (cork)
-		setsockopt(fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off));
-	return r;
-}
-
-int vt_fd(vt_conn *c)
-{
-	return iscsi_get_fd(c->iscsi);
 }
 
 vt_req *vt_pop(vt_conn *c)

@@ -1,8 +1,8 @@
 // Thin C glue between Go and libiscsi's asynchronous interface. One vt_conn
-// is one libiscsi context (one session, one TCP connection). libiscsi is not
-// thread safe: Go holds a mutex around every call on a vt_conn. Completions
-// are queued on the conn and collected by Go after vt_service or vt_poll, so
-// libiscsi never calls back into Go.
+// is one libiscsi context (one session, one TCP connection) driven by one
+// Go goroutine: every call on a vt_conn comes from that goroutine, so no
+// locking is needed here. Completions are queued on the conn and collected
+// by Go after vt_poll, so libiscsi never calls back into Go.
 #ifndef VT_H
 #define VT_H
 
@@ -44,6 +44,7 @@ typedef struct vt_req {
 typedef struct vt_conn {
 	struct iscsi_context *iscsi;
 	int lun;
+	int wakefd; // owned by Go: written to wake vt_poll
 	vt_req *done_head, *done_tail;
 
 	// Connect and login progress (callbacks may run twice: keep them here,
@@ -54,18 +55,16 @@ typedef struct vt_conn {
 	int dead;       // the connection dropped: fail everything in flight
 	int sock_errno; // errno of a failed connect / dropped socket, if known
 	char err[512];  // libiscsi's last error, copied when it mattered
+	int64_t next_tick_ms;
 } vt_conn;
 
 vt_conn *vt_new(const char *initiator, const char *target, int lun,
-		const char *user, const char *pass, int timeout_s);
+		const char *user, const char *pass, int timeout_s, int wakefd);
 void vt_free(vt_conn *c);
 int vt_connect(vt_conn *c, const char *portal);
 int vt_login(vt_conn *c);
 int vt_submit(vt_conn *c, vt_req *r);
-int vt_poll(vt_conn *c, int timeout_ms);
-int vt_service(vt_conn *c, int in);
-int vt_push(vt_conn *c, int cork);
-int vt_fd(vt_conn *c);
+int vt_poll(vt_conn *c, int timeout_ms, int wake);
 vt_req *vt_pop(vt_conn *c);
 void vt_req_release(vt_req *r);
 const char *vt_error(vt_conn *c);
