@@ -20,6 +20,7 @@ lint:
 	@test -z "$$(gofmt -l sidecar tests)" || { echo "gofmt needed:"; gofmt -l sidecar tests; exit 1; }
 	$(GO) vet ./...
 	$(PYTHON) -m ruff check cinder-connector nova-plugin tests
+	$(PYTHON) -m ruff format --check cinder-connector nova-plugin tests
 
 # Every test: Go unit and end-to-end tests, short fuzz runs, Python shims.
 test: build lint test-go test-fuzz test-python

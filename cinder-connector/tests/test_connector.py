@@ -85,8 +85,7 @@ def test_connect_read_write_extend_disconnect(env, conn):
     grow_lun(tgt, size + (16 << 20))
     assert conn.extend_volume(props) == size + (16 << 20)
     assert f"({size + (16 << 20)} bytes)" in run("qemu-img", "info", "-f", "raw", info["uri"])
-    run("qemu-io", "-f", "raw", "-c", f"write -P 0x6b {size + (8 << 20)} 64k", "-c", "flush",
-        info["uri"])
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x6b {size + (8 << 20)} 64k", "-c", "flush", info["uri"])
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", tgt.backing, info["uri"])
     # Nova passes no device_info on detach.
     conn.disconnect_volume(props, None)
@@ -104,8 +103,9 @@ def test_readonly_attachment_and_fixed_export_id(env):
     info = c.connect_volume(props)
     assert info["export_name"] == "fixed-id"
     assert c.client.get_export("fixed-id")["mode"] == "readonly"
-    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4k", info["uri"]],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write 0 4k", info["uri"]], capture_output=True, text=True, timeout=60
+    )
     assert "wrote" not in r.stdout, r.stdout
     c.disconnect_volume({}, None)
     assert not os.path.exists(info["socket"])
@@ -175,8 +175,9 @@ def test_connector_properties_name_the_initiator(env):
 def test_sidecar_down_is_a_clear_error(tmp_path):
     c = VMThunderConnector(socket_path=str(tmp_path / "nope.sock"))
     with pytest.raises(exception.BrickException) as e:
-        c.connect_volume({"volume_id": "v", "target_portal": "127.0.0.1:1", "target_iqn": "iqn.x",
-                          "target_lun": 1})
+        c.connect_volume(
+            {"volume_id": "v", "target_portal": "127.0.0.1:1", "target_iqn": "iqn.x", "target_lun": 1}
+        )
     assert "cannot reach the sidecar" in str(e.value) and str(tmp_path) in str(e.value)
     with pytest.raises(exception.BrickException):
         c.disconnect_volume({"volume_id": "v"}, None)

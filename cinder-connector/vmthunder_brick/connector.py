@@ -20,11 +20,16 @@ _INVALID_CODES = ("bad_json", "unknown_field", "missing_field", "invalid", "bad_
 
 def export_id(connection_properties, fixed_id=None):
     """The export id: Cinder's volume id, which Nova also passes on detach."""
-    vid = (fixed_id or connection_properties.get("vmthunder_export_id")
-           or connection_properties.get("volume_id") or connection_properties.get("serial"))
+    vid = (
+        fixed_id
+        or connection_properties.get("vmthunder_export_id")
+        or connection_properties.get("volume_id")
+        or connection_properties.get("serial")
+    )
     if not vid:
         raise exception.InvalidParameterValue(
-            err="vmthunder: connection properties carry no volume_id (needed as the export id)")
+            err="vmthunder: connection properties carry no volume_id (needed as the export id)"
+        )
     return str(vid)
 
 
@@ -56,8 +61,17 @@ class VMThunderConnector(base.BaseLinuxConnector):
     volume is write-through: nothing acknowledged may live only here).
     """
 
-    def __init__(self, root_helper="sudo", driver=None, execute=None, *args,
-                 socket_path=None, export_id=None, mode="write-through", **kwargs):
+    def __init__(
+        self,
+        root_helper="sudo",
+        driver=None,
+        execute=None,
+        *args,
+        socket_path=None,
+        export_id=None,
+        mode="write-through",
+        **kwargs,
+    ):
         super().__init__(root_helper, driver, execute, *args, **kwargs)
         self.client = SidecarClient(socket_path)
         self.export_id = export_id
@@ -140,8 +154,7 @@ class VMThunderConnector(base.BaseLinuxConnector):
             raise exception.BrickException(message=msg)
         return self.device_info(export)
 
-    def disconnect_volume(self, connection_properties, device_info, force=False,
-                          ignore_errors=False):
+    def disconnect_volume(self, connection_properties, device_info, force=False, ignore_errors=False):
         # Nova passes no device_info: the properties name the export.
         vid = self._id(connection_properties)
         try:

@@ -34,11 +34,18 @@ def test_devstack_files_parse(name):
 
 
 def run_phase(tmp_path, *phase, env=None):
-    script = (STUBS + f'DEST=/opt/stack; NOVA_CPU_CONF=/etc/nova/nova-cpu.conf\n'
-              f'source {REPO}/devstack/settings\nVMTHUNDER_DIR={REPO}\n'
-              f'source {REPO}/devstack/plugin.sh {" ".join(phase)}\n')
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "WORK": str(tmp_path), **(env or {})})
+    script = (
+        STUBS + f'DEST=/opt/stack; NOVA_CPU_CONF=/etc/nova/nova-cpu.conf\n'
+        f'source {REPO}/devstack/settings\nVMTHUNDER_DIR={REPO}\n'
+        f'source {REPO}/devstack/plugin.sh {" ".join(phase)}\n'
+    )
+    return subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "WORK": str(tmp_path), **(env or {})},
+    )
 
 
 def test_post_config_writes_the_sidecar_config_and_nova_options(tmp_path, nova_conf):
@@ -60,8 +67,11 @@ def test_post_config_writes_the_sidecar_config_and_nova_options(tmp_path, nova_c
         nova_conf.set_override(opt, value, group="vmthunder")  # type-checks the value
         nova_conf.clear_override(opt, group="vmthunder")
     assert {s[2] for s in ini if s[1] == "vmthunder"} == {"enabled", "api_socket", "reconnect_delay"}
-    assert ("sudo install -m 0644 " + os.path.join(REPO, "contrib/systemd/vmthunder.service")
-            + " /etc/systemd/system/vmthunder.service") in calls
+    assert (
+        "sudo install -m 0644 "
+        + os.path.join(REPO, "contrib/systemd/vmthunder.service")
+        + " /etc/systemd/system/vmthunder.service"
+    ) in calls
     assert "sudo systemctl enable --now vmthunder.service" in calls
     assert os.path.exists(os.path.join(REPO, "contrib", "systemd", "vmthunder.service"))
 

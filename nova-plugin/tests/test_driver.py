@@ -22,8 +22,9 @@ def test_nova_loads_the_driver_by_its_short_name(nova_conf):
     from nova.virt.libvirt.driver import LibvirtDriver
 
     # pip put the package inside the installed nova, not beside it.
-    assert os.path.dirname(os.path.dirname(nova.virt.vmthunder.__file__)) == \
-        os.path.dirname(nova.virt.__file__)
+    assert os.path.dirname(os.path.dirname(nova.virt.vmthunder.__file__)) == os.path.dirname(
+        nova.virt.__file__
+    )
 
     d = load_driver()
     assert isinstance(d, LibvirtDriver)
@@ -122,8 +123,13 @@ class Domain:
         return self.xml(inactive).find(f"./devices/disk/target[@dev='{dev}']/..")
 
     def capacity(self, dev):
-        out = subprocess.run(["virsh", "-c", "qemu:///system", "domblkinfo", self.name, dev],
-                             capture_output=True, text=True, check=True, timeout=30).stdout
+        out = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "domblkinfo", self.name, dev],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
         return int(out.split("Capacity:")[1].split()[0])
 
     def remove(self):
@@ -157,8 +163,13 @@ def instance_for(dom):
         def save(self, *a, **kw):
             pass  # no nova database here; attach_volume saves device metadata
 
-    return Instance(uuid=dom.uuid, system_metadata={}, flavor=objects.Flavor(extra_specs={}),
-                    image_ref="", host="localhost")
+    return Instance(
+        uuid=dom.uuid,
+        system_metadata={},
+        flavor=objects.Flavor(extra_specs={}),
+        image_ref="",
+        host="localhost",
+    )
 
 
 def driver_for(nova_conf, sidecar):
@@ -195,8 +206,7 @@ def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
     inst = instance_for(dom)
     ctx = context.get_admin_context()
 
-    drv.attach_volume(ctx, ci, inst, "/dev/sdb", disk_bus="scsi", device_type="disk",
-                      encryption={})
+    drv.attach_volume(ctx, ci, inst, "/dev/sdb", disk_bus="scsi", device_type="disk", encryption={})
     info = ci["data"]["vmthunder"]
     assert info["export_name"] == vol_id
     assert os.path.exists(info["socket"])
@@ -258,8 +268,9 @@ def test_boot_migrate_and_detach(nova_conf, node, domains):
     # What detach_volume looks up: nova finds the disk by its alias with the
     # stock class, the plugin hands back one that can be formatted again.
     for persistent in (False, True):
-        dev = drv._get_guest_disk_device(Guest(dom.dom), "vdb", volume_uuid=vol_id,
-                                         from_persistent_config=persistent)
+        dev = drv._get_guest_disk_device(
+            Guest(dom.dom), "vdb", volume_uuid=vol_id, from_persistent_config=persistent
+        )
         assert isinstance(dev, NBDGuestDisk) and dev.source_socket == found.source_socket
         assert etree.fromstring(dev.to_xml()).find("source/host").get("socket") == found.source_socket
 
@@ -272,8 +283,9 @@ def test_boot_migrate_and_detach(nova_conf, node, domains):
     dst_drv._connect_volume(None, dst_ci, None, encryption={})
     dst_socket = dst_ci["data"]["vmthunder"]["socket"]
     assert dst_socket != ci["data"]["vmthunder"]["socket"]
-    bdm = objects.LibvirtLiveMigrateBDMInfo(serial=vol_id, bus="virtio", dev="vdb", type="disk",
-                                            connection_info=dst_ci)
+    bdm = objects.LibvirtLiveMigrateBDMInfo(
+        serial=vol_id, bus="virtio", dev="vdb", type="disk", connection_info=dst_ci
+    )
     data = objects.LibvirtLiveMigrateData(bdms=[bdm])
     new = migration._update_volume_xml(dom.xml(), data, None, drv._get_volume_config)
     host = new.find("./devices/disk/source/host")
@@ -293,8 +305,7 @@ def test_boot_migrate_and_detach(nova_conf, node, domains):
 
     # Detach from a stopped guest: only the persistent config changes.
     dom.dom.destroy()
-    drv.detach_volume(context.get_admin_context(), ci, instance_for(dom), "/dev/vdb",
-                      encryption={})
+    drv.detach_volume(context.get_admin_context(), ci, instance_for(dom), "/dev/vdb", encryption={})
     assert dom.disk("vdb", inactive=True) is None
     assert not os.path.exists(ci["data"]["vmthunder"]["socket"])
 

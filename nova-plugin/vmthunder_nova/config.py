@@ -61,5 +61,9 @@ class NBDGuestDisk(vconfig.LibvirtConfigGuestDisk):
         """True for a <disk> element whose source is NBD over a unix socket."""
         src = node.find("source")
         host = src.find("host") if src is not None else None
-        return (src is not None and src.get("protocol") == "nbd" and host is not None
-                and host.get("transport") == "unix")
+        return (
+            src is not None
+            and src.get("protocol") == "nbd"
+            and host is not None
+            and host.get("transport") == "unix"
+        )

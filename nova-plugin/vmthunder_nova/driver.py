@@ -18,13 +18,13 @@ class VMThunderDriver(libvirt_driver.LibvirtDriver):
             # its own table; an entry set here is used instead.
             self.volume_drivers["iscsi"] = volume.VMThunderVolumeDriver(self._host)
 
-    def _get_guest_disk_device(self, guest, disk_dev, volume_uuid=None,
-                               from_persistent_config=False):
+    def _get_guest_disk_device(self, guest, disk_dev, volume_uuid=None, from_persistent_config=False):
         """Nova parses the guest's disks with the stock class, which cannot
         format a unix-socket NBD source again (detach formats the device it
         found): re-parse such a disk with NBDGuestDisk."""
-        dev = super()._get_guest_disk_device(guest, disk_dev, volume_uuid=volume_uuid,
-                                             from_persistent_config=from_persistent_config)
+        dev = super()._get_guest_disk_device(
+            guest, disk_dev, volume_uuid=volume_uuid, from_persistent_config=from_persistent_config
+        )
         if dev is None or getattr(dev, "source_protocol", None) != "nbd":
             return dev
         return find_nbd_disk(guest, dev.target_dev, from_persistent_config) or dev
@@ -35,8 +35,7 @@ def find_nbd_disk(guest, target_dev, from_persistent_config=False):
     doc = etree.fromstring(guest.get_xml_desc(dump_inactive=from_persistent_config))
     for node in doc.findall("./devices/disk"):
         target = node.find("target")
-        if (target is not None and target.get("dev") == target_dev
-                and config.NBDGuestDisk.is_unix_nbd(node)):
+        if target is not None and target.get("dev") == target_dev and config.NBDGuestDisk.is_unix_nbd(node):
             disk = config.NBDGuestDisk()
             disk.parse_dom(node)
             return disk

@@ -52,9 +52,14 @@ class Tgtd:
         self.log = open(os.path.join(workdir, "tgtd.log"), "wb")
         self.proc = subprocess.Popen(
             ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None
-                 or self._adm("--mode", "sys", "--op", "show", check=False) == 0, "tgtd")
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: self.proc.poll() is not None
+            or self._adm("--mode", "sys", "--op", "show", check=False) == 0,
+            "tgtd",
+        )
         time.sleep(0.2)
         if self.proc.poll() is not None:
             raise RuntimeError(f"tgtd exited: {open(self.log.name).read()}")
@@ -67,15 +72,21 @@ class Tgtd:
             self._adm("--mode", "account", "--op", "bind", "--tid", "1", "--user", user)
 
     def _adm(self, *args, check=True):
-        r = subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args], capture_output=True, text=True
+        )
         if check and r.returncode != 0:
             raise RuntimeError(f"tgtadm {' '.join(args)}: {r.stderr.strip()}")
         return r.returncode
 
     def connection_info(self, volume_id, chap=None):
-        data = {"target_portal": f"127.0.0.1:{self.port}", "target_iqn": self.iqn,
-                "target_lun": 1, "volume_id": volume_id, "target_discovered": False}
+        data = {
+            "target_portal": f"127.0.0.1:{self.port}",
+            "target_iqn": self.iqn,
+            "target_lun": 1,
+            "volume_id": volume_id,
+            "target_discovered": False,
+        }
         if chap:
             data.update(auth_method="CHAP", auth_username=chap[0], auth_password=chap[1])
         return data
@@ -109,8 +120,9 @@ socket_group = {socket_group}
 dir = {workdir}/cache
 """)
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
-        self.proc = subprocess.Popen([sidecar_binary(), "daemon", "--config", self.config],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sidecar_binary(), "daemon", "--config", self.config], stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_for(lambda: os.path.exists(self.api_socket) or self.proc.poll() is not None, "sidecar")
         if self.proc.poll() is not None:
             raise RuntimeError(f"sidecar exited: {open(self.log.name).read()}")
