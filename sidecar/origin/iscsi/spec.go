@@ -231,6 +231,10 @@ func ParseConnectionInfo(ci map[string]any) (Spec, error) {
 			if u == "" {
 				return bad("auth_method CHAP without auth_username")
 			}
+			if p == "" {
+				// An empty secret would only fail later, as a login refusal.
+				return bad("auth_method CHAP without auth_password")
+			}
 			s.User, s.Password = u, p
 		case "", "NONE":
 		default:

@@ -85,6 +85,7 @@ func TestParseConnectionInfo(t *testing.T) {
 		{"target_portal": "h", "target_iqn": "i", "target_lun": 1.5},
 		{"target_portal": "h", "target_iqn": "i", "target_lun": 1, "auth_method": "kerberos"},
 		{"target_portals": "h", "target_iqn": "i", "target_lun": 1},
+		{"target_portal": "h", "target_iqn": "i", "target_lun": 1, "auth_method": "CHAP", "auth_username": "u"},
 	} {
 		if _, err := ParseConnectionInfo(bad); !errors.Is(err, ErrBadSpec) {
 			t.Errorf("%v: want ErrBadSpec, got %v", bad, err)
