@@ -146,7 +146,7 @@ func (c *conn) dialAny(first int) error {
 		}
 		errs = append(errs, err)
 		// A refused login will be refused on every path: say so at once.
-		if errors.Is(err, ErrAuth) || errors.Is(err, ErrClosed) {
+		if errors.Is(err, ErrAuth) || errors.Is(err, ErrDenied) || errors.Is(err, ErrClosed) {
 			break
 		}
 	}
@@ -235,6 +235,9 @@ func (c *conn) dial(i int) error {
 			cause = ErrTimeout
 		}
 		hint := ""
+		if cause == ErrDenied {
+			hint = fmt.Sprintf(" (initiator %s)", s.Initiator)
+		}
 		if cause == ErrAuth {
 			if s.User == "" {
 				hint = " (the target wants CHAP; no credentials given)"

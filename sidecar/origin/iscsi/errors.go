@@ -12,6 +12,9 @@ import (
 var (
 	// ErrAuth: the target refused our CHAP credentials (or has none for us).
 	ErrAuth = errors.New("iscsi login failed: authentication")
+	// ErrDenied: the target does not let this initiator in (its ACL),
+	// whatever the credentials.
+	ErrDenied = errors.New("iscsi login failed: initiator not authorized")
 	// ErrTargetNotFound: no target with that IQN on the portal.
 	ErrTargetNotFound = errors.New("iscsi target not found")
 	// ErrNoLUN: the target has no such LUN.
@@ -43,8 +46,10 @@ func loginCause(msg string) error {
 	}
 	code, _ := strconv.Atoi(m[1])
 	switch code {
-	case 0x0201, 0x0202: // authentication failure, authorization failure
+	case 0x0201: // authentication failure
 		return ErrAuth
+	case 0x0202: // authorization failure: an ACL, not the CHAP secret
+		return ErrDenied
 	case 0x0203, 0x0204: // not found, target removed
 		return ErrTargetNotFound
 	}
