@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"os/user"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -27,6 +29,7 @@ func runExport(args []string) error {
 	fs := flag.NewFlagSet("export", flag.ContinueOnError)
 	socket := fs.String("socket", "", "serve on this unix socket")
 	listen := fs.String("listen", "", "serve on this TCP HOST:PORT")
+	socketGroup := fs.String("socket-group", "", "give the socket to this group, mode 0660 (the group QEMU runs in, e.g. kvm)")
 	name := fs.String("name", "", "export name (default \"\")")
 	readOnly := fs.Bool("readonly", false, "refuse writes")
 	cacheDir := fs.String("cache", "", "copy-on-read base cache directory")
@@ -50,6 +53,19 @@ func runExport(args []string) error {
 	}
 	if (*socket == "") == (*listen == "") {
 		return errors.New("give one of --socket or --listen")
+	}
+	gid := -1
+	if *socketGroup != "" {
+		if *socket == "" {
+			return errors.New("--socket-group needs --socket")
+		}
+		g, err := user.LookupGroup(*socketGroup)
+		if err != nil {
+			return fmt.Errorf("--socket-group: %w", err)
+		}
+		if gid, err = strconv.Atoi(g.Gid); err != nil {
+			return fmt.Errorf("--socket-group %s: gid %q: %w", *socketGroup, g.Gid, err)
+		}
 	}
 	mode := stack.ModeDirect
 	switch {
@@ -123,9 +139,15 @@ func runExport(args []string) error {
 		}
 		os.Remove(*socket)
 		l, err = net.Listen("unix", *socket)
+		if err == nil && gid >= 0 {
+			// QEMU runs as another user (libvirt-qemu) in that group.
+			err = os.Chown(*socket, -1, gid)
+		}
 		if err == nil {
-			// QEMU runs as another user (libvirt-qemu) in the same group.
 			err = os.Chmod(*socket, 0o660)
+		}
+		if err != nil && l != nil {
+			l.Close()
 		}
 		where = "unix:" + *socket
 	} else {

@@ -6,7 +6,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -98,5 +100,34 @@ func TestExportChunkSizeWithoutCacheRefused(t *testing.T) {
 	se, code, served := runBounded(t, "export", "--socket", filepath.Join(dir, "d.sock"), "--chunk-size", "1M", a)
 	if served || code == 0 || !strings.Contains(se, "--chunk-size") {
 		t.Fatalf("--chunk-size without --cache: served %v, exit %d: %s", served, code, se)
+	}
+}
+
+// --socket-group hands the socket to QEMU's group, mode 0660; an unknown
+// group is refused before anything is served.
+func TestExportSocketGroup(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vmtx-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	a, _ := randomFile(t, dir, "a.img", 64<<10)
+	g, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Fatalf("this test uses the group daemon: %v", err)
+	}
+	sock := filepath.Join(dir, "g.sock")
+	startExport(t, sock, "--socket-group", "daemon", a)
+	st, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gid := st.Sys().(*syscall.Stat_t).Gid
+	if strconv.Itoa(int(gid)) != g.Gid || st.Mode().Perm() != 0o660 {
+		t.Fatalf("socket gid %d mode %v, want gid %s mode 0660", gid, st.Mode().Perm(), g.Gid)
+	}
+	se, code, served := runBounded(t, "export", "--socket", filepath.Join(dir, "n.sock"), "--socket-group", "no-such-group-vmt", a)
+	if served || code == 0 || !strings.Contains(se, "no-such-group-vmt") {
+		t.Fatalf("unknown group: served %v, exit %d: %s", served, code, se)
 	}
 }
