@@ -69,7 +69,7 @@ type Base struct {
 // openBase opens or creates the cache in dir for source. chunk 0 adopts the
 // existing chunk size (or the default for a new cache).
 func openBase(dir string, source blockdev.Device, chunk int64) (*Base, error) {
-	if chunk < 0 || (chunk != 0 && (chunk < 4096 || chunk&(chunk-1) != 0 || chunk > 64<<20)) {
+	if chunk < 0 || (chunk != 0 && !validChunk(chunk)) {
 		return nil, fmt.Errorf("%w: chunk size %d must be a power of two between 4 KiB and 64 MiB", blockdev.ErrInvalid, chunk)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -92,6 +92,10 @@ func openBase(dir string, source blockdev.Device, chunk int64) (*Base, error) {
 	return b, nil
 }
 
+// validChunk is the rule for chunk sizes, asked for or read from a header:
+// a damaged header must not size buffers (one chunk per fill).
+func validChunk(c int64) bool { return c >= 4096 && c <= 64<<20 && c&(c-1) == 0 }
+
 func openLocked(dir string, source blockdev.Device, chunk int64) (*Base, error) {
 	size := source.Size()
 	dataPath, bmPath := filepath.Join(dir, "data"), filepath.Join(dir, "bitmap")
@@ -113,6 +117,9 @@ func openLocked(dir string, source blockdev.Device, chunk int64) (*Base, error) 
 		return nil, fmt.Errorf("cache %s: %w (remove the directory to rebuild it)", dir, err)
 	case h.Kind != "cache":
 		return nil, fmt.Errorf("%w: %s is a %q bitmap, not a cache", ErrMismatch, bmPath, h.Kind)
+	case !validChunk(h.UnitSize):
+		return nil, fmt.Errorf("%w: %s: damaged header (%w): chunk size %d is not a power of two between 4 KiB and 64 MiB (remove the directory to rebuild it)",
+			ErrMismatch, bmPath, pbitmap.ErrFormat, h.UnitSize)
 	case h.Size != size:
 		return nil, fmt.Errorf("%w: cache %s was made for a base of %d bytes, the source has %d (remove it to rebuild)", ErrMismatch, dir, h.Size, size)
 	case chunk != 0 && h.UnitSize != chunk:
@@ -122,15 +129,35 @@ func openLocked(dir string, source blockdev.Device, chunk int64) (*Base, error) 
 	if err != nil {
 		return nil, fmt.Errorf("cache data: %w", err)
 	}
-	if err := f.Truncate(size); err != nil { // sparse; never shrinks a valid one (sizes match)
+	st, err := f.Stat()
+	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("size cache data %s: %w", dataPath, err)
+		return nil, fmt.Errorf("cache data %s: %w", dataPath, err)
 	}
 	fd := int(f.Fd())
 	bits, err := pbitmap.Open(bmPath, func() error { return unix.Fdatasync(fd) })
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("cache %s: %w (remove the directory to rebuild it)", dir, err)
+	}
+	// The data file is sized before any fill and that size is synced with
+	// the first fill's data, so a present chunk past its end means it was
+	// cut short or replaced: the chunk would read as zeroes. (A short file
+	// with no chunks is a creation that crashed: fine, it is sized below.)
+	if have := st.Size(); have < size && bits.Count() > 0 {
+		for c := have / h.UnitSize; c < bits.Len(); c++ {
+			if bits.Get(c) {
+				bits.Close()
+				f.Close()
+				return nil, fmt.Errorf("%w: cache data %s is %d bytes, but chunk %d (offset %d) is marked present (remove the directory to rebuild it)",
+					ErrMismatch, dataPath, have, c, c*h.UnitSize)
+			}
+		}
+	}
+	if err := f.Truncate(size); err != nil { // sparse; never shrinks a valid one (sizes match)
+		bits.Close()
+		f.Close()
+		return nil, fmt.Errorf("size cache data %s: %w", dataPath, err)
 	}
 	b := &Base{dir: dir, size: size, chunk: h.UnitSize, source: source, data: f, dataFd: fd,
 		bits: bits, kick: make(chan struct{}, 1), stop: make(chan struct{})}

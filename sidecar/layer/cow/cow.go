@@ -71,11 +71,16 @@ type Stats struct {
 	ReadModifyWrite uint64 // partial writes to clusters not yet in the store
 }
 
+// validCluster is the rule for cluster sizes, asked for or read from a
+// header: a damaged header must not size buffers (Open allocates one
+// cluster of zeroes, partial writes one more).
+func validCluster(cl int64) bool { return cl >= 512 && cl <= 1<<20 && cl&(cl-1) == 0 }
+
 // Open opens the store at path (and its bitmap at path+".bitmap"), creating
 // both if the store does not exist or is empty. Reopening resumes it.
 func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 	cl := o.ClusterSize
-	if cl != 0 && (cl < 512 || cl&(cl-1) != 0 || cl > 1<<20) {
+	if cl != 0 && !validCluster(cl) {
 		return nil, fmt.Errorf("%w: cluster size %d must be a power of two between 512 and 1 MiB", blockdev.ErrInvalid, cl)
 	}
 	size := base.Size()
@@ -93,6 +98,9 @@ func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 		return nil, fmt.Errorf("cow store %s: %w", path, err)
 	case h.Kind != "cow":
 		return nil, fmt.Errorf("%w: %s is a %q bitmap, not a cow store's", ErrMismatch, bmPath, h.Kind)
+	case !validCluster(h.UnitSize):
+		return nil, fmt.Errorf("%w: %s: damaged header (%w): cluster size %d is not a power of two between 512 and 1 MiB",
+			ErrMismatch, bmPath, pbitmap.ErrFormat, h.UnitSize)
 	case h.Size != size:
 		return nil, fmt.Errorf("%w: store %s was made for a base of %d bytes, this base has %d", ErrMismatch, path, h.Size, size)
 	case cl != 0 && h.UnitSize != cl:

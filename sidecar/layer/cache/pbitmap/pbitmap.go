@@ -21,6 +21,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -51,6 +52,12 @@ type Header struct {
 
 // Units is the number of bits: ceil(Size/UnitSize).
 func (h Header) Units() int64 { return (h.Size + h.UnitSize - 1) / h.UnitSize }
+
+// valid rejects what Units cannot count: Size+UnitSize-1 must not overflow
+// (a negative count would slip past the file length check).
+func (h Header) valid() bool {
+	return h.Size >= 0 && h.UnitSize > 0 && h.UnitSize <= math.MaxInt64-h.Size
+}
 
 type leaf [leafWords]atomic.Uint64
 
@@ -85,7 +92,7 @@ func encodeHeader(h Header) []byte {
 // Create writes a fresh, all-zero bitmap file at path atomically (temp
 // file, fsync, rename, fsync of the directory), replacing any old one.
 func Create(path string, h Header) error {
-	if h.Size < 0 || h.UnitSize <= 0 || len(h.Kind) > 16 {
+	if !h.valid() || len(h.Kind) > 16 {
 		return fmt.Errorf("%w: invalid header %+v", ErrFormat, h)
 	}
 	tmp := path + ".tmp"
@@ -148,7 +155,7 @@ func readHeader(f *os.File, path string) (Header, error) {
 		Size:     int64(binary.LittleEndian.Uint64(b[24:])),
 		UnitSize: int64(binary.LittleEndian.Uint64(b[32:])),
 	}
-	if h.Size < 0 || h.UnitSize <= 0 {
+	if !h.valid() {
 		return Header{}, fmt.Errorf("%w: %s: size %d unit %d", ErrFormat, path, h.Size, h.UnitSize)
 	}
 	return h, nil
