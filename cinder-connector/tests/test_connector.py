@@ -2,8 +2,11 @@
 daemon`) whose origin is a LUN served by a private tgtd."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from os_brick import exception
@@ -229,3 +232,166 @@ def test_an_export_the_sidecar_could_not_recreate_is_not_handed_out():
         sidecar.stop()
         tgt.stop()  # a no-op when already stopped
         pyharness.rmtree(work)
+
+
+class SlowPortal:
+    """A TCP proxy in front of a tgtd portal that holds each connection for
+    `delay` seconds before passing it on: a create through it stays in state
+    "creating" that long (the iSCSI login waits)."""
+
+    def __init__(self, target_portal, delay):
+        host, port = target_portal.rsplit(":", 1)
+        self.target, self.delay = (host, int(port)), delay
+        self.ln = socket.create_server(("127.0.0.1", 0))
+        self.portal = f"127.0.0.1:{self.ln.getsockname()[1]}"
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ln.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        time.sleep(self.delay)
+        up = socket.create_connection(self.target)
+        self.conns += [c, up]
+        for a, b in ((c, up), (up, c)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.ln.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def own_tgt():
+    """A LUN of the test's own: the shared one has a base cache made before
+    it grew (test_a_conflict_is_not_taken_for_an_existing_export)."""
+    work = pyharness.tempdir("vmt-brick-own-")
+    tgt = pyharness.Tgtd(work, chap=CHAP)
+    yield tgt
+    tgt.stop()
+    pyharness.rmtree(work)
+
+
+def test_an_existing_export_in_another_mode_is_not_reused(env, conn, own_tgt):
+    """A multiattach volume already attached read-only on this node: a
+    read-write attach must not be handed the read-only export (nor a
+    write-through one asked for as cow), but fail naming both modes."""
+    _, sidecar = env
+    tgt = own_tgt
+    ro = tgt.connection_info("vol-multi", chap=CHAP)
+    ro["access_mode"] = "ro"
+    rw = tgt.connection_info("vol-multi", chap=CHAP)
+    rw["access_mode"] = "rw"
+    try:
+        conn.connect_volume(ro)
+        with pytest.raises(exception.InvalidParameterValue) as e:
+            conn.connect_volume(rw)
+        msg = str(e.value)
+        assert "vol-multi" in msg and "readonly" in msg and "write-through" in msg, msg
+        assert "read-only" in msg and "read-write" in msg, msg
+        assert conn.client.get_export("vol-multi")["mode"] == "readonly"  # left as it was
+        # The same attachment again is still answered by the existing export.
+        assert conn.connect_volume(ro)["export_name"] == "vol-multi"
+        conn.disconnect_volume(ro, None)
+
+        conn.connect_volume(rw)
+        cow = VMThunderConnector(socket_path=sidecar.api_socket, mode="cow")
+        with pytest.raises(exception.InvalidParameterValue) as e:
+            cow.connect_volume(rw)
+        msg = str(e.value)
+        assert "vol-multi" in msg and "'write-through'" in msg and "'cow'" in msg, msg
+        assert conn.client.get_export("vol-multi")["mode"] == "write-through"
+    finally:
+        conn.disconnect_volume(rw, None)
+
+
+def test_an_existing_export_of_another_target_is_not_reused(env, conn):
+    """An export left on this node for another iSCSI target (the volume was
+    migrated since) must not serve the new attachment the old target."""
+    tgt, _ = env
+    work = pyharness.tempdir("vmt-brick-other-")
+    other = pyharness.Tgtd(work)
+    try:
+        old = other.connection_info("vol-moved")
+        conn.connect_volume(old)
+        new = tgt.connection_info("vol-moved", chap=CHAP)
+        with pytest.raises(exception.InvalidParameterValue) as e:
+            conn.connect_volume(new)
+        msg = str(e.value)
+        assert "vol-moved" in msg and other.iqn in msg and tgt.iqn in msg, msg
+        assert CHAP[1] not in msg
+        conn.disconnect_volume(old, None)
+    finally:
+        other.stop()
+        pyharness.rmtree(work)
+
+
+def _wait_creating(client, vid):
+    def creating():
+        try:
+            return client.get_export(vid)["state"] == "creating"
+        except Exception:
+            return False
+
+    pyharness.wait_for(creating, f"export {vid} in state creating", timeout=10)
+
+
+def test_an_export_being_created_is_waited_for(env, conn, own_tgt):
+    """Two attachments of one volume at once: the second finds the export
+    the first is still making, and must wait for it to be ready instead of
+    handing out a socket that does not exist yet; or fail clearly when it
+    takes too long."""
+    _, sidecar = env
+    tgt = own_tgt
+    proxy = SlowPortal(tgt.connection_info("x")["target_portal"], delay=1.5)
+    props = tgt.connection_info("vol-racing", chap=CHAP)
+    props["target_portal"] = proxy.portal
+    first = {}
+    t = threading.Thread(target=lambda: first.update(conn.connect_volume(props)))
+    try:
+        t.start()
+        _wait_creating(conn.client, "vol-racing")
+        info = conn.connect_volume(props)
+        assert os.path.exists(info["socket"]), "handed out before the export was ready"
+        assert conn.client.get_export("vol-racing")["state"] == "ready"
+        t.join(30)
+        assert first["uri"] == info["uri"]
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", tgt.backing, info["uri"])
+        conn.disconnect_volume(props, None)
+
+        # Not ready within the connector's bound: a clear error.
+        proxy.delay = 4
+        impatient = VMThunderConnector(socket_path=sidecar.api_socket, create_wait=0.5)
+        t = threading.Thread(target=lambda: conn.connect_volume(props))
+        t.start()
+        _wait_creating(conn.client, "vol-racing")
+        with pytest.raises(exception.BrickException) as e:
+            impatient.connect_volume(props)
+        assert "vol-racing" in str(e.value) and "creating" in str(e.value), str(e.value)
+        t.join(30)
+        assert conn.client.get_export("vol-racing")["state"] == "ready"
+    finally:
+        t.join(30)
+        conn.disconnect_volume(props, None)
+        proxy.close()

@@ -6,6 +6,7 @@ calls (docs/api.md). Nothing here touches the data.
 """
 
 import os
+import time
 
 from os_brick import exception
 from os_brick.initiator.connectors import base
@@ -59,6 +60,8 @@ class VMThunderConnector(base.BaseLinuxConnector):
     /run/vmthunder/api.sock). export_id: a fixed export id instead of the
     volume id. mode: the export mode for read-write attachments (a Cinder
     volume is write-through: nothing acknowledged may live only here).
+    create_wait: how long, in seconds, to wait for an export another attach
+    is still creating (state "creating") to become ready.
     """
 
     def __init__(
@@ -70,12 +73,14 @@ class VMThunderConnector(base.BaseLinuxConnector):
         socket_path=None,
         export_id=None,
         mode="write-through",
+        create_wait=5.0,
         **kwargs,
     ):
         super().__init__(root_helper, driver, execute, *args, **kwargs)
         self.client = SidecarClient(socket_path)
         self.export_id = export_id
         self.mode = mode
+        self.create_wait = create_wait
 
     def _id(self, connection_properties):
         return export_id(connection_properties, self.export_id)
@@ -136,17 +141,36 @@ class VMThunderConnector(base.BaseLinuxConnector):
         vid = self._id(connection_properties)
         mode = "readonly" if connection_properties.get("access_mode") == "ro" else self.mode
         request = {"id": vid, "mode": mode, "connection_info": _data(connection_properties)}
-        try:
-            export = self.client.create_export(request)
-        except SidecarError as e:
-            if e.code != "exists":  # a 409 "conflict" names another cause
-                raise brick_error(e, vid) from e
-            # Already exported on this node (a retried attach, a reboot
-            # rebuilding the XML): reuse it.
+        deadline = time.monotonic() + self.create_wait
+        pause = 0.05
+        while True:
             try:
-                export = self.client.get_export(vid)
-            except SidecarError as e2:
-                raise brick_error(e2, vid) from e2
+                export = self.client.create_export(request)
+            except SidecarError as e:
+                if e.code != "exists":  # a 409 "conflict" names another cause
+                    raise brick_error(e, vid) from e
+                # Already exported on this node (a retried attach, a reboot
+                # rebuilding the XML, another attachment of a multiattach
+                # volume): reuse it if it is what this attach asks for.
+                try:
+                    export = self.client.get_export(vid)
+                except SidecarError as e2:
+                    if e2.status == 404 and time.monotonic() < deadline:
+                        continue  # its create failed meanwhile: try ours
+                    raise brick_error(e2, vid) from e2
+                check_reuse(vid, request, export)
+            if export.get("state") != "creating":
+                break
+            # Another attach is still creating it: its socket does not exist
+            # yet.
+            if time.monotonic() >= deadline:
+                msg = (
+                    f"vmthunder export {vid}: still in state creating after "
+                    f"{self.create_wait:g}s (another attach is making it); retry the attach"
+                )
+                raise exception.BrickException(message=msg)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
         if export.get("state") == "error":
             # An existing export the sidecar could not re-create after a
             # restart: nothing serves its socket.
@@ -170,6 +194,62 @@ class VMThunderConnector(base.BaseLinuxConnector):
             return self.client.refresh_export(vid)["size"]
         except SidecarError as e:
             raise brick_error(e, vid) from e
+
+
+def _access(mode):
+    return "read-only" if mode == "readonly" else "read-write"
+
+
+def _asked_targets(ci):
+    """The (target IQN, LUN) pairs Cinder's iscsi data names."""
+    pairs = list(zip(ci.get("target_iqns") or [], ci.get("target_luns") or [], strict=False))
+    pairs.append((ci.get("target_iqn"), ci.get("target_lun")))
+    out = set()
+    for iqn, lun in pairs:
+        try:
+            if iqn:
+                out.add((str(iqn), int(lun)))
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def _served_targets(origin):
+    """The (target IQN, LUN) pairs of an export's origin as the sidecar
+    reports it: iscsi://[user%***@]host:port/IQN/LUN, comma-separated."""
+    out = set()
+    for part in (origin or "").split(","):
+        if not part.startswith("iscsi://"):
+            continue
+        pieces = part.rsplit("/", 2)
+        try:
+            out.add((pieces[1], int(pieces[2])))
+        except (IndexError, ValueError):
+            pass
+    return out
+
+
+def check_reuse(vid, request, export):
+    """Refuse an existing export that is not what this attach asks for: QEMU
+    would otherwise get a disk in the wrong mode (a read-write attach handed
+    a read-only export fails with an unclear error) or of another target."""
+    want, have = request["mode"], export.get("mode")
+    if have != want:
+        msg = (
+            f"vmthunder export {vid} already exists on this node with mode {have!r} "
+            f"({_access(have)}), this attach asks for mode {want!r} ({_access(want)}); "
+            "one export serves one mode: detach the other attachment first"
+        )
+        raise exception.InvalidParameterValue(err=msg)
+    asked = _asked_targets(request["connection_info"])
+    served = _served_targets(export.get("origin"))
+    if asked and served and not asked & served:
+        wanted = ", ".join(f"{iqn} LUN {lun}" for iqn, lun in sorted(asked))
+        msg = (
+            f"vmthunder export {vid} already exists on this node for origin "
+            f"{export.get('origin')}, this attach asks for target {wanted}"
+        )
+        raise exception.InvalidParameterValue(err=msg)
 
 
 def _data(props):
