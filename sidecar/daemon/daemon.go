@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -26,6 +25,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/config"
+	"github.com/vmthunder/vmthunder/sidecar/internal/unixsock"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
 	"github.com/vmthunder/vmthunder/sidecar/layer/metrics"
@@ -250,36 +250,13 @@ func (d *Daemon) prepareSocketDirs() error {
 	return nil
 }
 
-// listenUnix listens at path, replacing a stale socket left by a previous
-// daemon (the state lock says no other daemon is alive), and gives the
-// socket to root:socket_group, mode 0660.
+// listenUnix listens at path for QEMU: root:socket_group, mode 0660.
 func (d *Daemon) listenUnix(path string) (net.Listener, error) {
-	if len(path) > 107 {
-		return nil, fmt.Errorf("%w: socket path %s is longer than 107 bytes", blockdev.ErrInvalid, path)
+	ln, err := unixsock.Listen(path, d.cfg.SocketGID)
+	if err != nil && len(path) > unixsock.MaxPath {
+		err = fmt.Errorf("%w: %v", blockdev.ErrInvalid, err)
 	}
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode()&fs.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		os.Remove(path)
-	}
-	// The socket file is created with the umask's mode; connecting needs
-	// write permission, so until the chmod below only root can connect.
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, err
-	}
-	if d.cfg.SocketGID >= 0 {
-		if err := os.Chown(path, 0, d.cfg.SocketGID); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("chown socket %s: %w", path, err)
-		}
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("chmod socket %s: %w", path, err)
-	}
-	return ln, nil
+	return ln, err
 }
 
 func (r Record) spec() origin.Spec {

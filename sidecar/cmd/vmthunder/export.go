@@ -10,11 +10,11 @@ import (
 	"os/user"
 	"strconv"
 	"syscall"
-	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/config"
+	"github.com/vmthunder/vmthunder/sidecar/internal/unixsock"
 	"github.com/vmthunder/vmthunder/sidecar/layer/delay"
 	"github.com/vmthunder/vmthunder/sidecar/nbd"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
@@ -125,29 +125,9 @@ func runExport(args []string) error {
 	var l net.Listener
 	where := ""
 	if *socket != "" {
-		// A stale socket from a killed run is replaced; any other file is not.
-		if st, serr := os.Lstat(*socket); serr == nil && st.Mode()&os.ModeSocket == 0 {
-			dev.Close()
-			return fmt.Errorf("--socket %s exists and is not a socket", *socket)
-		}
-		// A live one is another server's: taking it over would hand its
-		// clients (QEMU reconnecting) a different disk.
-		if c, derr := net.DialTimeout("unix", *socket, time.Second); derr == nil {
-			c.Close()
-			dev.Close()
-			return fmt.Errorf("--socket %s is in use by a running server", *socket)
-		}
-		os.Remove(*socket)
-		l, err = net.Listen("unix", *socket)
-		if err == nil && gid >= 0 {
-			// QEMU runs as another user (libvirt-qemu) in that group.
-			err = os.Chown(*socket, -1, gid)
-		}
-		if err == nil {
-			err = os.Chmod(*socket, 0o660)
-		}
-		if err != nil && l != nil {
-			l.Close()
+		l, err = unixsock.Listen(*socket, gid)
+		if err != nil {
+			err = fmt.Errorf("--socket: %w", err)
 		}
 		where = "unix:" + *socket
 	} else {
