@@ -5,7 +5,7 @@ GOFLAGS   ?=
 FUZZTIME  ?= 10s
 BIN       := bin/vmthunder
 
-.PHONY: all build test test-go test-fuzz test-python lint bench demo clean
+.PHONY: all build test test-go test-fuzz test-python python-deps lint bench demo clean
 
 all: build
 
@@ -16,7 +16,14 @@ $(BIN): FORCE
 
 FORCE:
 
-lint:
+# The Python test tools and the OpenStack libraries the shims are tested
+# against go into the Python the tests run, $(PYTHON). This is a make step,
+# not part of scripts/install-deps.sh: under sudo, PATH names another
+# Python (Debian's refuses pip installs: PEP 668).
+python-deps:
+	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements-test.txt
+
+lint: python-deps
 	@test -z "$$(gofmt -l sidecar tests)" || { echo "gofmt needed:"; gofmt -l sidecar tests; exit 1; }
 	$(GO) vet ./...
 	$(PYTHON) -m ruff check cinder-connector nova-plugin tests
@@ -31,7 +38,7 @@ test-go: build
 test-fuzz:
 	bash tests/fuzz.sh $(FUZZTIME)
 
-test-python: build
+test-python: build python-deps
 	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/python.sh
 
 bench: build

@@ -23,9 +23,8 @@ apt-get install -y -q --no-install-recommends \
 # the group the daemon hands them to.
 getent group libvirt-qemu >/dev/null || true
 
-# Python: the shims are tested against real os-brick and nova from PyPI.
-PY=${PYTHON:-python3}
-"$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q -r "$(dirname "$0")/../requirements-test.txt"
+# Python packages (pytest, ruff, the real os-brick and nova the shims are
+# tested against) are installed by `make python-deps`, which `make test`
+# runs as you, into the Python the tests use.
 
 echo "install-deps: done"
