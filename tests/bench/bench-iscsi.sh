@@ -16,14 +16,9 @@ cd "$(dirname "$0")/../.."
 T=${BENCH_TIME:-4}
 RUNS=${BENCH_RUNS:-5}
 SIZE=${BENCH_SIZE:-1G}
-WORK=$(mktemp -d /dev/shm/vmthunder-bench-iscsi.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck disable=SC1091
+. tests/bench/lib.sh
+workdir iscsi
 
 go build -o "$WORK/tgtup" ./sidecar/internal/tgt/tgtup
 go build -o "$WORK/qdread" ./sidecar/origin/iscsi/internal/qdread
@@ -98,8 +93,7 @@ export_run() {
     ours-1p) GOMAXPROCS=1 "${ON[@]}" "$BIN" export --readonly --socket "$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
     qemu-nbd) "${ON[@]}" qemu-nbd --read-only --persistent --format=raw --socket="$sock" "$URL" >"$WORK/$1.log" 2>&1 & pid=$! ;;
   esac
-  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
-  [ -S "$sock" ] || { echo "$1: socket did not appear:" >&2; cat "$WORK/$1.log" >&2; kill "$pid"; return 1; }
+  wait_sock "$sock" || { cat "$WORK/$1.log" >&2; kill "$pid"; return 1; }
   s0=$(ticks "$pid")
   t0=$(ticks "$TGTD")
   res=$(fiojob "$sock" "$2" "$3")

@@ -16,14 +16,8 @@ for tool in fio nbdkit; do
   command -v "$tool" >/dev/null || { echo "bench-nbd: $tool is not installed" >&2; exit 1; }
 done
 
-dir=$(mktemp -d /dev/shm/vmt-bench-nbd.XXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+workdir nbd
+dir=$WORK
 img=$dir/disk.img
 dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
 
@@ -33,7 +27,7 @@ serve() { # NAME [DELAY]
     ours*) "$BIN" export --readonly --socket "$sock" ${delay:+--delay-read "$delay"} "$img" 2>"$dir/$1.log" & ;;
     nbdkit*) nbdkit -f -r -U "$sock" ${delay:+--filter=delay} file "$img" ${delay:+rdelay=$delay} 2>"$dir/$1.log" & ;;
   esac
-  pids+=($!)
+  PIDS+=($!)
   wait_sock "$sock"
 }
 serve ours; serve nbdkit; serve ours-delay 1ms; serve nbdkit-delay 1ms

@@ -1,5 +1,13 @@
 # Helpers shared by the bench-*.sh sections (sourced).
 
+# workdir NAME: a scratch directory WORK in /dev/shm. On exit every pid
+# added to PIDS is killed and WORK is removed.
+workdir() {
+  WORK=$(mktemp -d "/dev/shm/vmthunder-bench-$1.XXXXXX")
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+}
+
 # fio_nbd URI RW BS QD SECONDS -> prints "IOPS MiB/s"
 fio_nbd() {
   local uri=$1 rw=$2 bs=$3 qd=$4 secs=${5:-8}
