@@ -42,7 +42,7 @@ func TestCorruptChunkSize(t *testing.T) {
 			}
 			var v [8]byte
 			binary.LittleEndian.PutUint64(v[:], uint64(bad))
-			f.WriteAt(v[:], 32) // the unit size field
+			f.WriteAt(v[:], pbitmap.UnitSizeOffset)
 			f.Close()
 			r, err = openNoPanic(m, newSrc(1<<20, 0))
 			if err == nil {

@@ -29,7 +29,7 @@ func TestCorruptClusterSize(t *testing.T) {
 			}
 			var v [8]byte
 			binary.LittleEndian.PutUint64(v[:], uint64(bad))
-			f.WriteAt(v[:], 32) // the unit size field
+			f.WriteAt(v[:], pbitmap.UnitSizeOffset)
 			f.Close()
 			d, err = func() (d *Dev, err error) {
 				defer func() {

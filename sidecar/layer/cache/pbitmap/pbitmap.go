@@ -50,6 +50,12 @@ type Header struct {
 	UnitSize int64  // bytes per bit (chunk or cluster size)
 }
 
+// Header layout offsets (little endian): Size, then UnitSize.
+const (
+	SizeOffset     = 24
+	UnitSizeOffset = 32
+)
+
 // Units is the number of bits: ceil(Size/UnitSize).
 func (h Header) Units() int64 { return (h.Size + h.UnitSize - 1) / h.UnitSize }
 
@@ -84,8 +90,8 @@ func encodeHeader(h Header) []byte {
 	b := make([]byte, HeaderSize)
 	copy(b, magic)
 	copy(b[8:24], h.Kind)
-	binary.LittleEndian.PutUint64(b[24:], uint64(h.Size))
-	binary.LittleEndian.PutUint64(b[32:], uint64(h.UnitSize))
+	binary.LittleEndian.PutUint64(b[SizeOffset:], uint64(h.Size))
+	binary.LittleEndian.PutUint64(b[UnitSizeOffset:], uint64(h.UnitSize))
 	return b
 }
 
@@ -152,8 +158,8 @@ func readHeader(f *os.File, path string) (Header, error) {
 	}
 	h := Header{
 		Kind:     string(bytes.TrimRight(b[8:24], "\x00")),
-		Size:     int64(binary.LittleEndian.Uint64(b[24:])),
-		UnitSize: int64(binary.LittleEndian.Uint64(b[32:])),
+		Size:     int64(binary.LittleEndian.Uint64(b[SizeOffset:])),
+		UnitSize: int64(binary.LittleEndian.Uint64(b[UnitSizeOffset:])),
 	}
 	if !h.valid() {
 		return Header{}, fmt.Errorf("%w: %s: size %d unit %d", ErrFormat, path, h.Size, h.UnitSize)
