@@ -446,11 +446,23 @@ func (c *conn) loop() {
 		c.mu.Lock()
 		c.polling = false
 		c.mu.Unlock()
+		completed := false
 		for cr := C.vt_pop(vc); cr != nil; cr = C.vt_pop(vc) {
 			if f := c.fly[uint64(cr.id)]; f != nil {
 				c.finish(f)
 				c.complete(f.r)
+				completed = true
 			}
+		}
+		if completed {
+			// Completing readied the goroutines that wait on these
+			// requests, on this P. Let them run here and now (queueing
+			// their next requests for this loop) rather than leave them
+			// behind a P stuck in the blocking poll below, where another
+			// thread must be woken, or sysmon must retake the P, first.
+			// This cut a context switch in two per request and raised
+			// export IOPS by a fifth in bench-iscsi.
+			runtime.Gosched()
 		}
 		if !dead && len(c.fly) > 0 {
 			// Backstop for libiscsi's own timeouts.
