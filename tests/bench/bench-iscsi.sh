@@ -6,7 +6,8 @@
 #   export  - `vmthunder export iscsi://` read by fio's nbd engine vs
 #             iscsi-perf, and vs qemu-nbd exporting the same iscsi:// URL
 #             (the tool the export replaces), both read by the same fio job
-# Random 4 KiB rows are medians of alternating runs, twice: with every
+# Read rows are medians of alternating runs (sequential 1 MiB: 3, random
+# 4 KiB: 5; the whole-LUN copy runs once). Random rows come twice: with every
 # process sharing all CPUs, and with tgtd alone on the last CPU (as on a
 # storage node of its own; everything else on the others). When they
 # share, the target and the NBD client take most of the CPU, so the CPU
