@@ -166,16 +166,21 @@ func (e *Error) Error() string {
 
 // Error codes.
 const (
-	CodeBadJSON      = "bad_json"      // malformed JSON, trailing data, wrong type
-	CodeUnknownField = "unknown_field" // a key the API does not know
-	CodeMissingField = "missing_field" // a required key is absent or empty
-	CodeInvalid      = "invalid"       // a value is wrong (id, mode, path, base, ...)
-	CodeBadOrigin    = "bad_origin"    // the origin URL, path or connection_info is malformed
-	CodeExists       = "exists"        // an export with this id exists
-	CodeNotFound     = "not_found"     // no such export, base or endpoint
-	CodeConflict     = "conflict"      // the operation does not fit the current state
-	CodeOriginError  = "origin_error"  // the origin could not be opened or read
-	CodeTooLarge     = "too_large"     // the body is larger than MaxBody
+	CodeBadJSON      = "bad_json"           // malformed JSON, trailing data, wrong type
+	CodeUnknownField = "unknown_field"      // a key the API does not know
+	CodeMissingField = "missing_field"      // a required key is absent or empty
+	CodeInvalid      = "invalid"            // a value is wrong (id, mode, path, base, ...)
+	CodeBadOrigin    = "bad_origin"         // the origin URL, path or connection_info is malformed
+	CodeExists       = "exists"             // an export with this id exists
+	CodeNotFound     = "not_found"          // no such export, base or endpoint
+	CodeConflict     = "conflict"           // the operation does not fit the current state
+	CodeOriginError  = "origin_error"       // the origin could not be opened or read (other causes)
+	CodeAuthFailed   = "auth_failed"        // the iSCSI target refused our CHAP credentials or ACL
+	CodeUnreachable  = "target_unreachable" // no portal answered (refused, no route, timeout)
+	CodeNoSuchTarget = "no_such_target"     // the target has no such IQN or LUN
+	CodeBaseConflict = "base_conflict"      // the base is bound to another origin, mode, size or generation
+	CodeForbidden    = "forbidden"          // the origin or cow_path is outside what the config allows
+	CodeTooLarge     = "too_large"          // the body is larger than MaxBody
 	CodeInternal     = "internal"
 )
 
