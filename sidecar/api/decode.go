@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/origin"
 )
 
 // MaxBody bounds a request body; real ones are well under 4 KiB.
@@ -175,32 +175,32 @@ func idChars(s string) bool {
 
 // validateOrigin checks that exactly one origin is given and that it parses,
 // without connecting to anything. It returns the connection_info "data".
-func validateOrigin(origin string, ci map[string]any) (map[string]any, error) {
+func validateOrigin(url string, ci map[string]any) (map[string]any, error) {
 	switch {
-	case origin != "" && ci != nil:
+	case url != "" && ci != nil:
 		return nil, BadRequest(CodeInvalid, "give \"origin\" or \"connection_info\", not both")
-	case origin == "" && ci == nil:
+	case url == "" && ci == nil:
 		return nil, BadRequest(CodeMissingField, "missing field \"origin\" (a path or iscsi:// URL) or \"connection_info\"")
 	case ci != nil:
 		ci, err := unwrapConnectionInfo(ci)
 		if err != nil {
 			return nil, err
 		}
-		s, err := iscsi.ParseConnectionInfo(ci)
+		s, err := origin.ParseConnectionInfo(ci)
 		if err != nil {
 			return nil, BadRequest(CodeBadOrigin, "%v", err)
 		}
 		return ci, checkIQNs(s)
-	case strings.HasPrefix(origin, "iscsi://"):
-		s, err := iscsi.ParseURL(origin)
+	case strings.HasPrefix(url, "iscsi://"):
+		s, err := origin.ParseISCSIURL(url)
 		if err != nil {
 			return nil, BadRequest(CodeBadOrigin, "%v", err)
 		}
 		return nil, checkIQNs(s)
-	case strings.Contains(origin, "://"):
-		return nil, BadRequest(CodeBadOrigin, "origin %q: unsupported URL scheme (want an absolute path or iscsi://)", iscsi.Redact(origin))
-	case !filepath.IsAbs(origin) || strings.ContainsRune(origin, 0):
-		return nil, BadRequest(CodeBadOrigin, "origin %q is not an absolute path or an iscsi:// URL", origin)
+	case strings.Contains(url, "://"):
+		return nil, BadRequest(CodeBadOrigin, "origin %q: unsupported URL scheme (want an absolute path or iscsi://)", origin.RedactURL(url))
+	case !filepath.IsAbs(url) || strings.ContainsRune(url, 0):
+		return nil, BadRequest(CodeBadOrigin, "origin %q is not an absolute path or an iscsi:// URL", url)
 	}
 	return nil, nil
 }
@@ -223,18 +223,18 @@ func unwrapConnectionInfo(ci map[string]any) (map[string]any, error) {
 }
 
 // DescribeOrigin is the origin for answers and logs, without a password.
-func DescribeOrigin(origin string, ci map[string]any) string {
+func DescribeOrigin(url string, ci map[string]any) string {
 	if ci != nil {
-		s, err := iscsi.ParseConnectionInfo(ci)
+		s, err := origin.ParseConnectionInfo(ci)
 		if err != nil {
 			return "iscsi connection_info (unparsable)"
 		}
 		return s.String()
 	}
-	return iscsi.Redact(origin)
+	return origin.RedactURL(url)
 }
 
-func checkIQNs(s iscsi.Spec) error {
+func checkIQNs(s origin.ISCSI) error {
 	for _, p := range s.Portals {
 		if err := ValidIQN(p.IQN); err != nil {
 			return err

@@ -530,7 +530,7 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 	}()
 	spec := e.rec.spec()
 	spec.ReadOnly = true
-	o, err := origin.Open(spec)
+	o, err := stack.OpenOrigin(spec)
 	if err != nil {
 		return nil, classify(err)
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"github.com/vmthunder/vmthunder/sidecar/stack"
 	"net/http"
 	"time"
 
@@ -52,7 +53,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 	d.mu.Unlock()
 
 	spec.ReadOnly = true
-	ref, err := d.mgr.OpenFunc(base, d.chunkFor(base), func() (blockdev.Device, error) { return origin.Open(spec) })
+	ref, err := d.mgr.OpenFunc(base, d.chunkFor(base), func() (blockdev.Device, error) { return stack.OpenOrigin(spec) })
 	if err != nil {
 		d.mu.Lock()
 		delete(d.warms, base)

@@ -50,7 +50,7 @@ type Options struct {
 	BaseID string
 	// ClusterSize is the cow bitmap granularity; 0: default (4 KiB).
 	ClusterSize int64
-	// OpenOrigin opens the origin; nil: origin.Open. Tests put a memdev
+	// OpenOrigin opens the origin; nil: OpenOrigin. Tests put a memdev
 	// here; the daemon may hand out origins it manages.
 	OpenOrigin func(origin.Spec) (blockdev.Device, error)
 }
@@ -124,7 +124,7 @@ func Build(o Options) (blockdev.Device, error) {
 
 	openOrigin := o.OpenOrigin
 	if openOrigin == nil {
-		openOrigin = origin.Open
+		openOrigin = OpenOrigin
 	}
 	var below blockdev.Device
 	var ref *cache.Ref

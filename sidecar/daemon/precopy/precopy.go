@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vmthunder/vmthunder/sidecar/stack"
 	"os"
 	"path/filepath"
 	"strings"
@@ -60,7 +61,7 @@ func Copy(ctx context.Context, src, dst string, o Options) (int64, error) {
 			}
 		}
 	}
-	in, err := origin.Open(origin.Spec{URL: src, ReadOnly: true})
+	in, err := stack.OpenOrigin(origin.Spec{URL: src, ReadOnly: true})
 	if err != nil {
 		return 0, err
 	}

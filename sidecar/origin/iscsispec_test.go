@@ -1,4 +1,4 @@
-package iscsi
+package origin
 
 import (
 	"errors"
@@ -7,7 +7,7 @@ import (
 )
 
 func TestParseURL(t *testing.T) {
-	s, err := ParseURL("iscsi://alice%p@ss/w%rd@10.0.0.5:3261/iqn.2010-10.org.openstack%3Avolume-1/2")
+	s, err := ParseISCSIURL("iscsi://alice%p@ss/w%rd@10.0.0.5:3261/iqn.2010-10.org.openstack%3Avolume-1/2")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -21,7 +21,7 @@ func TestParseURL(t *testing.T) {
 	if str := s.String(); strings.Contains(str, "p@ss") || !strings.Contains(str, "alice%***@10.0.0.5:3261") {
 		t.Fatalf("String leaks or mangles: %s", str)
 	}
-	s, err = ParseURL("iscsi://[fd00::1]/iqn.x/0")
+	s, err = ParseISCSIURL("iscsi://[fd00::1]/iqn.x/0")
 	if err != nil || s.Portals[0].Addr != "[fd00::1]:3260" || s.User != "" {
 		t.Fatalf("v6 default port: %+v %v", s, err)
 	}
@@ -29,32 +29,32 @@ func TestParseURL(t *testing.T) {
 		"iscsi://host/iqn", "iscsi://host/iqn/x", "iscsi:///iqn/1", "http://h/iqn/1",
 		"iscsi://user@host/iqn/1", "iscsi://h:99999/iqn/1", "iscsi://h/iqn/-1",
 	} {
-		if _, err := ParseURL(bad); !errors.Is(err, ErrBadSpec) {
+		if _, err := ParseISCSIURL(bad); !errors.Is(err, ErrBadSpec) {
 			t.Errorf("%s: want ErrBadSpec, got %v", bad, err)
 		}
 	}
-	if _, err := ParseURL("iscsi://u%secret@h/iqn/x"); err == nil || strings.Contains(err.Error(), "secret") {
+	if _, err := ParseISCSIURL("iscsi://u%secret@h/iqn/x"); err == nil || strings.Contains(err.Error(), "secret") {
 		t.Fatalf("error leaks the password: %v", err)
 	}
-	if r := Redact("iscsi://u%secret@h/iqn/1"); r != "iscsi://u%***@h/iqn/1" {
+	if r := RedactURL("iscsi://u%secret@h/iqn/1"); r != "iscsi://u%***@h/iqn/1" {
 		t.Fatalf("redact: %s", r)
 	}
 	// libiscsi also takes user:password: parse it, and never echo it.
-	s, err = ParseURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/1")
+	s, err = ParseISCSIURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/1")
 	if err != nil || s.User != "alice" || s.Password != "topsecret" {
 		t.Fatalf("user:password form: %+v %v", s, err)
 	}
-	if _, err := ParseURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/x"); err == nil || strings.Contains(err.Error(), "topsecret") {
+	if _, err := ParseISCSIURL("iscsi://alice:topsecret@10.0.0.5/iqn.x/x"); err == nil || strings.Contains(err.Error(), "topsecret") {
 		t.Fatalf("error leaks the password: %v", err)
 	}
-	if r := Redact("iscsi://alice:topsecret@h/iqn/1"); strings.Contains(r, "topsecret") {
+	if r := RedactURL("iscsi://alice:topsecret@h/iqn/1"); strings.Contains(r, "topsecret") {
 		t.Fatalf("redact: %s", r)
 	}
 	// The target's secret (mutual CHAP) as libiscsi takes it.
-	if _, err := ParseURL("iscsi://u%p@h/iqn/x?target_user=t&target_password=tsecret"); err == nil || strings.Contains(err.Error(), "tsecret") {
+	if _, err := ParseISCSIURL("iscsi://u%p@h/iqn/x?target_user=t&target_password=tsecret"); err == nil || strings.Contains(err.Error(), "tsecret") {
 		t.Fatalf("error leaks the target password: %v", err)
 	}
-	if r := Redact("iscsi://h/iqn/1?target_password=tsecret&header_digest=none"); r != "iscsi://h/iqn/1?target_password=***&header_digest=none" {
+	if r := RedactURL("iscsi://h/iqn/1?target_password=tsecret&header_digest=none"); r != "iscsi://h/iqn/1?target_password=***&header_digest=none" {
 		t.Fatalf("redact: %s", r)
 	}
 }
@@ -89,20 +89,6 @@ func TestParseConnectionInfo(t *testing.T) {
 	} {
 		if _, err := ParseConnectionInfo(bad); !errors.Is(err, ErrBadSpec) {
 			t.Errorf("%v: want ErrBadSpec, got %v", bad, err)
-		}
-	}
-}
-
-func TestLoginCause(t *testing.T) {
-	for msg, want := range map[string]error{
-		"Failed to log in to target. Status: Authentication failure(513)": ErrAuth,
-		"Failed to log in to target. Status: Target not found(515)":       ErrTargetNotFound,
-		"Failed to log in to target. Status: Authorization failure(514)":  ErrDenied,
-		"Failed to log in to target. Status: Out of resources(1026)":      ErrLogin,
-		"something else": ErrLogin,
-	} {
-		if got := loginCause(msg); got != want {
-			t.Errorf("%q: %v, want %v", msg, got, want)
 		}
 	}
 }

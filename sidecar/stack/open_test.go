@@ -1,4 +1,4 @@
-package iscsi_test
+package stack_test
 
 import (
 	"bytes"
@@ -10,10 +10,11 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/internal/tgt"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/stack"
 )
 
-// origin.Open reaches the iscsi origin from a URL and from connection_info.
-func TestOriginOpen(t *testing.T) {
+// OpenOrigin reaches the iscsi origin from a URL and from connection_info.
+func TestOpenOrigin(t *testing.T) {
 	tg := tgt.Start(t, tgt.Options{Size: 4 << 20, CHAPUser: "u1", CHAPPassword: "pw-123456789"})
 	want, _ := os.ReadFile(tg.BackingFile)
 	for _, spec := range []origin.Spec{
@@ -23,26 +24,26 @@ func TestOriginOpen(t *testing.T) {
 		if s := spec.String(); strings.Contains(s, "pw-123") || !strings.Contains(s, "iscsi://u1%***@") {
 			t.Fatalf("Spec.String leaks or mangles: %s", s)
 		}
-		d, err := origin.Open(spec)
+		d, err := stack.OpenOrigin(spec)
 		if err != nil {
-			t.Fatalf("origin.Open(%s): %v", spec, err)
+			t.Fatalf("stack.OpenOrigin(%s): %v", spec, err)
 		}
 		got := make([]byte, len(want))
 		if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
-			t.Fatalf("read through origin.Open(%s): %v", spec, err)
+			t.Fatalf("read through stack.OpenOrigin(%s): %v", spec, err)
 		}
 		if d.Caps().ReadOnly != spec.ReadOnly {
 			t.Fatalf("caps %+v for %s", d.Caps(), spec)
 		}
 		d.Close()
 	}
-	_, err := origin.Open(origin.Spec{URL: "iscsi://h/iqn"})
+	_, err := stack.OpenOrigin(origin.Spec{URL: "iscsi://h/iqn"})
 	if !errors.Is(err, origin.ErrBadSpec) {
 		t.Fatalf("bad URL: %v", err)
 	}
 	bad := tg.ConnectionInfo()
 	bad["auth_password"] = "nope-nope-nope"
-	if _, err := origin.Open(origin.Spec{ConnectionInfo: bad}); !errors.Is(err, iscsi.ErrAuth) {
-		t.Fatalf("bad CHAP through origin.Open: %v", err)
+	if _, err := stack.OpenOrigin(origin.Spec{ConnectionInfo: bad}); !errors.Is(err, iscsi.ErrAuth) {
+		t.Fatalf("bad CHAP through stack.OpenOrigin: %v", err)
 	}
 }
