@@ -125,20 +125,6 @@ func CheckRange(size, off, length int64) error {
 	return nil
 }
 
-// Base gives a Device the "not supported" answers for the optional
-// operations, so a small layer only writes what it does. Embed it by value.
-type Base struct{}
-
-func (Base) Flush() error                     { return nil }
-func (Base) Trim(off, length int64) error     { return ErrUnsupported }
-func (Base) Prefetch(off, length int64) error { return nil }
-func (Base) WriteZeroes(off, length int64) error {
-	return ErrUnsupported
-}
-func (Base) BlockStatus(off, length int64) ([]Extent, error) {
-	return []Extent{{Length: length}}, nil
-}
-
 // Forward is a layer that passes every call to Next. Embed it in a layer
 // and override only what the layer changes.
 type Forward struct{ Next Device }

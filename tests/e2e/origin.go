@@ -29,7 +29,6 @@ type Meter struct {
 	l      net.Listener
 	down   atomic.Int64 // target -> initiator
 	up     atomic.Int64 // initiator -> target
-	conns  atomic.Int64
 	wg     sync.WaitGroup
 	mu     sync.Mutex
 	open   map[net.Conn]bool
@@ -53,12 +52,6 @@ func (m *Meter) Port() int { return m.l.Addr().(*net.TCPAddr).Port }
 // Sent is the bytes the target has sent through the meter so far.
 func (m *Meter) Sent() int64 { return m.down.Load() }
 
-// Received is the bytes initiators have sent to the target.
-func (m *Meter) Received() int64 { return m.up.Load() }
-
-// Conns is how many connections the meter has accepted.
-func (m *Meter) Conns() int64 { return m.conns.Load() }
-
 func (m *Meter) accept() {
 	for {
 		c, err := m.l.Accept()
@@ -79,7 +72,6 @@ func (m *Meter) accept() {
 		}
 		m.open[c], m.open[t] = true, true
 		m.mu.Unlock()
-		m.conns.Add(1)
 		m.wg.Add(2)
 		go m.pipe(t, c, &m.down)
 		go m.pipe(c, t, &m.up)
