@@ -7,7 +7,10 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // errAborted means the client ended the handshake on purpose (OPT_ABORT or
@@ -20,6 +23,7 @@ type session struct {
 	structured bool
 	metaCtx    bool   // base:allocation selected
 	metaExport string // the export it was selected for
+	flags      uint16 // transmission flags sent for export
 }
 
 // handshake runs fixed newstyle negotiation until the client picks an export.
@@ -55,8 +59,30 @@ func (s *Server) handshake(r *bufio.Reader, w *bufio.Writer) (*session, error) {
 		}
 		opt := binary.BigEndian.Uint32(hdr[8:])
 		length := binary.BigEndian.Uint32(hdr[12:])
-		if length > 64<<10 {
-			return nil, fmt.Errorf("nbd: option %d too long (%d bytes)", opt, length)
+		if length > maxOptionLen {
+			// No option we know is this long (names are at most 4096
+			// bytes). Skip it unread and say so; only EXPORT_NAME, which
+			// cannot be answered with an error, and absurd lengths end
+			// the connection (the spec allows a hard disconnect for a
+			// denial of service).
+			if opt == optExportName || length > maxSkippedOption {
+				return nil, fmt.Errorf("nbd: option %d of %d bytes: dropping the client", opt, length)
+			}
+			if _, err := io.CopyN(io.Discard, r, int64(length)); err != nil {
+				return nil, fmt.Errorf("nbd: skipping option data: %w", err)
+			}
+			msg := fmt.Sprintf("option %d of %d bytes exceeds the server's limit of %d bytes", opt, length, maxOptionLen)
+			if err := writeOptReply(w, opt, repErrTooBig, []byte(msg)); err != nil {
+				return nil, err
+			}
+			if err := w.Flush(); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if opt == optExportName && length > maxNameLen {
+			// It cannot name an export, and EXPORT_NAME has no error reply.
+			return nil, fmt.Errorf("nbd: EXPORT_NAME of %d bytes, longer than any export name: dropping the client", length)
 		}
 		data := make([]byte, length)
 		if _, err := io.ReadFull(r, data); err != nil {
@@ -83,11 +109,12 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 	case optExportName:
 		e := s.lookup(string(data))
 		if e == nil {
-			return false, fmt.Errorf("nbd: client asked for unknown export %q", string(data))
+			return false, fmt.Errorf("nbd: client asked for unknown export %s", quoteName(string(data)))
 		}
+		sess.flags = e.transmissionFlags(sess.structured)
 		var b [10 + 124]byte
 		binary.BigEndian.PutUint64(b[0:], uint64(e.dev.Size()))
-		binary.BigEndian.PutUint16(b[8:], e.transmissionFlags(sess.structured))
+		binary.BigEndian.PutUint16(b[8:], sess.flags)
 		n := len(b)
 		if noZeroes {
 			n = 10
@@ -129,9 +156,10 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 		}
 		e := s.lookup(name)
 		if e == nil {
-			return false, replyErr(repErrUnknown, fmt.Sprintf("unknown export %q", name))
+			return false, replyErr(repErrUnknown, "unknown export "+quoteName(name))
 		}
-		if err := writeInfos(w, opt, e, sess.structured, name, infos); err != nil {
+		flags := e.transmissionFlags(sess.structured)
+		if err := writeInfos(w, opt, e, flags, name, infos); err != nil {
 			return false, err
 		}
 		if err := reply(repAck, nil); err != nil {
@@ -141,6 +169,7 @@ func (s *Server) option(w *bufio.Writer, sess *session, opt uint32, data []byte,
 			// Contexts chosen for another export do not carry over.
 			sess.metaCtx = sess.metaCtx && sess.metaExport == name
 			sess.export = e
+			sess.flags = flags
 			return true, nil
 		}
 		return false, nil
@@ -174,11 +203,11 @@ func parseInfoRequest(d []byte) (name string, infos []uint16, ok bool) {
 
 // writeInfos always sends INFO_EXPORT and INFO_BLOCK_SIZE (clients that did
 // not ask ignore it), plus INFO_NAME when asked. We have no description.
-func writeInfos(w *bufio.Writer, opt uint32, e *export, structured bool, name string, asked []uint16) error {
+func writeInfos(w *bufio.Writer, opt uint32, e *export, flags uint16, name string, asked []uint16) error {
 	exp := make([]byte, 12)
 	binary.BigEndian.PutUint16(exp[0:], infoExport)
 	binary.BigEndian.PutUint64(exp[2:], uint64(e.dev.Size()))
-	binary.BigEndian.PutUint16(exp[10:], e.transmissionFlags(structured))
+	binary.BigEndian.PutUint16(exp[10:], flags)
 	if err := writeOptReply(w, opt, repInfo, exp); err != nil {
 		return err
 	}
@@ -237,7 +266,7 @@ func (s *Server) metaContext(w *bufio.Writer, sess *session, opt uint32, d []byt
 		return bad("trailing bytes in meta context request")
 	}
 	if s.lookup(name) == nil {
-		return writeOptReply(w, opt, repErrUnknown, []byte(fmt.Sprintf("unknown export %q", name)))
+		return writeOptReply(w, opt, repErrUnknown, []byte("unknown export "+quoteName(name)))
 	}
 	match := false
 	if opt == optListMetaContext && len(queries) == 0 {
@@ -273,4 +302,30 @@ func writeOptReply(w *bufio.Writer, opt, typ uint32, payload []byte) error {
 	}
 	_, err := w.Write(payload)
 	return err
+}
+
+// quoteName renders a name a client sent for an error reply or a log line:
+// quoted, with anything but printable text escaped, and cut after about
+// maxEchoedName bytes of output with its length said. Whatever the client
+// sent (up to 64 KiB, any bytes), the result is short valid UTF-8 without
+// control characters, well inside the spec's 4096-byte limit on strings.
+func quoteName(name string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for i := 0; i < len(name); {
+		if b.Len() > maxEchoedName {
+			fmt.Fprintf(&b, `"... (%d bytes)`, len(name))
+			return b.String()
+		}
+		r, n := utf8.DecodeRuneInString(name[i:])
+		if r != utf8.RuneError && r != '"' && r != '\\' && unicode.IsPrint(r) {
+			b.WriteString(name[i : i+n])
+		} else {
+			q := strconv.Quote(name[i : i+n]) // \x00, \xff, \u2028, \"
+			b.WriteString(q[1 : len(q)-1])
+		}
+		i += n
+	}
+	b.WriteByte('"')
+	return b.String()
 }

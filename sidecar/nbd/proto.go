@@ -81,3 +81,11 @@ const (
 	baseAllocationID = 1
 	baseAllocation   = "base:allocation"
 )
+
+// Bounds on what a client sends during the handshake.
+const (
+	maxNameLen       = 4096     // the spec's limit on any string
+	maxOptionLen     = 64 << 10 // larger options are skipped unread and refused with ERR_TOO_BIG
+	maxSkippedOption = 1 << 20  // larger still: the client is dropped
+	maxEchoedName    = 64       // bytes of a client's name quoted back in an error
+)

@@ -9,9 +9,11 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
@@ -157,7 +159,7 @@ func (c *conn) unplug() {
 func (c *conn) readAsync(req request) bool {
 	size := c.dev.Size()
 	off, length := int64(req.offset), int64(req.length)
-	if length == 0 || req.length > c.maxBlock || req.offset > uint64(size) || length > size-off {
+	if length == 0 || req.flags&^c.allowedFlags(cmdRead) != 0 || req.length > c.maxBlock || req.offset > uint64(size) || length > size-off {
 		return false
 	}
 	select {
@@ -247,6 +249,12 @@ func (c *conn) handle(req request, payload []byte) reply {
 	inRange := req.offset <= uint64(size) && length <= size-off
 	where := func() string { return fmt.Sprintf("offset %d length %d, export size %d", off, length, size) }
 
+	if req.typ <= cmdBlockStatus && req.typ != cmdDisc {
+		if bad := req.flags &^ c.allowedFlags(req.typ); bad != 0 {
+			return c.errorReply(req, errInval, fmt.Sprintf("command flags %#x are not valid for command %d on this connection", bad, req.typ))
+		}
+	}
+
 	switch req.typ {
 	case cmdRead:
 		if !inRange {
@@ -254,6 +262,10 @@ func (c *conn) handle(req request, payload []byte) reply {
 		}
 		if req.length > c.maxBlock {
 			return c.errorReply(req, errInval, fmt.Sprintf("read of %d bytes exceeds the maximum block size %d", length, c.maxBlock))
+		}
+		if length == 0 {
+			// Unspecified by the spec; the kindest answer is an empty read.
+			return c.readReply(req, nil)
 		}
 		// Read before sending anything: a simple reply cannot take an
 		// error back once its header is on the wire.
@@ -270,6 +282,12 @@ func (c *conn) handle(req request, payload []byte) reply {
 		if !inRange {
 			// The protocol asks for ENOSPC on writes past the end.
 			return c.errorReply(req, errNoSpc, "write beyond the end of the export: "+where())
+		}
+		if length == 0 {
+			// Zero-length requests are unspecified (the spec only says not
+			// to disconnect): nothing to do, so succeed without asking the
+			// device, which may refuse a zero length (fallocate does).
+			return simpleReply(req.cookie, 0, nil, false)
 		}
 		var err error
 		switch req.typ {
@@ -292,12 +310,14 @@ func (c *conn) handle(req request, payload []byte) reply {
 	case cmdFlush:
 		return c.statusReply(req, c.dev.Flush())
 	case cmdCache:
-		// Advertising SEND_CACHE obliges us to refuse flags we do not know.
-		if req.flags&^cmdFlagFUA != 0 {
-			return c.errorReply(req, errInval, fmt.Sprintf("unknown flags %#x for cache", req.flags))
-		}
+		// Advertising SEND_CACHE obliges us to refuse flags we do not
+		// know: allowedFlags did.
 		if !inRange {
 			return c.errorReply(req, errInval, "cache request beyond the end of the export: "+where())
+		}
+		if length == 0 {
+			// Nothing to bring close (and fadvise would read 0 as "to the end").
+			return simpleReply(req.cookie, 0, nil, false)
 		}
 		return c.statusReply(req, c.dev.Prefetch(off, length))
 	case cmdBlockStatus:
@@ -317,15 +337,44 @@ func (c *conn) handle(req request, payload []byte) reply {
 	}
 }
 
-// readReply carries buf (from getBuf) as the data of a successful READ.
+// allowedFlags are the command flags valid for typ on this connection:
+// those the spec defines for the command, and of them only the ones whose
+// transmission flag was sent. FUA is valid on every command once
+// advertised (clients are known to set it on reads).
+func (c *conn) allowedFlags(typ uint16) uint16 {
+	tf := c.sess.flags
+	var f uint16
+	if tf&flagSendFUA != 0 {
+		f |= cmdFlagFUA
+	}
+	switch typ {
+	case cmdRead:
+		if tf&flagSendDF != 0 {
+			f |= cmdFlagDF
+		}
+	case cmdWriteZeroes:
+		f |= cmdFlagNoHole
+		if tf&flagSendFastZero != 0 {
+			f |= cmdFlagFastZero
+		}
+	case cmdBlockStatus:
+		f |= cmdFlagReqOne
+	}
+	return f
+}
+
+// readReply carries buf (from getBuf, or nil) as the data of a successful READ.
 func (c *conn) readReply(req request, buf []byte) reply {
+	if len(buf) == 0 {
+		putBuf(buf)
+		if !c.sess.structured {
+			return simpleReply(req.cookie, 0, nil, false)
+		}
+		// OFFSET_DATA must carry at least one byte: say "done" instead.
+		return chunkReply(req.cookie, replyTypeNone, nil, nil, false)
+	}
 	if !c.sess.structured {
 		return simpleReply(req.cookie, 0, buf, true)
-	}
-	if len(buf) == 0 {
-		// OFFSET_DATA must carry at least one byte: say "done" instead.
-		putBuf(buf)
-		return chunkReply(req.cookie, replyTypeNone, nil, nil, false)
 	}
 	var prefix [8]byte
 	binary.BigEndian.PutUint64(prefix[:], req.offset)
@@ -372,9 +421,7 @@ func (c *conn) errorReply(req request, code uint32, msg string) reply {
 	if !c.sess.structured {
 		return simpleReply(req.cookie, code, nil, false)
 	}
-	if len(msg) > 4096 {
-		msg = msg[:4096]
-	}
+	msg = clipMessage(msg)
 	p := make([]byte, 6+len(msg))
 	binary.BigEndian.PutUint32(p[0:], code)
 	binary.BigEndian.PutUint16(p[4:], uint16(len(msg)))
@@ -416,4 +463,18 @@ func (c *conn) blockStatusReply(req request, ext []blockdev.Extent) reply {
 		p = p[:12]
 	}
 	return chunkReply(req.cookie, replyTypeBlockStatus, nil, p, false)
+}
+
+// clipMessage makes msg a valid protocol string: valid UTF-8, no NUL, at
+// most maxNameLen (4096) bytes, cut at a character boundary.
+func clipMessage(msg string) string {
+	msg = strings.ReplaceAll(strings.ToValidUTF8(msg, "?"), "\x00", "?")
+	if len(msg) <= maxNameLen {
+		return msg
+	}
+	n := maxNameLen
+	for n > 0 && !utf8.RuneStart(msg[n]) {
+		n--
+	}
+	return msg[:n]
 }
