@@ -13,38 +13,14 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vmthunder/vmthunder/internal/testbin"
 )
 
-var (
-	vmthunderOnce sync.Once
-	vmthunderBin  string
-	vmthunderErr  error
-)
+func TestMain(m *testing.M) { os.Exit(testbin.Main(m)) }
 
 // vmthunder is the binary under test: $VMTHUNDER_BIN, or built from this tree.
-func vmthunder(t *testing.T) string {
-	t.Helper()
-	vmthunderOnce.Do(func() {
-		if vmthunderBin = os.Getenv("VMTHUNDER_BIN"); vmthunderBin != "" {
-			return
-		}
-		dir, err := os.MkdirTemp("", "vmthunder-nbd-test-")
-		if err != nil {
-			vmthunderErr = err
-			return
-		}
-		vmthunderBin = filepath.Join(dir, "vmthunder")
-		out, err := exec.Command("go", "build", "-o", vmthunderBin, "github.com/vmthunder/vmthunder/sidecar/cmd/vmthunder").CombinedOutput()
-		if err != nil {
-			vmthunderErr = err
-			vmthunderBin = string(out)
-		}
-	})
-	if vmthunderErr != nil {
-		t.Fatalf("building vmthunder: %v\n%s", vmthunderErr, vmthunderBin)
-	}
-	return vmthunderBin
-}
+func vmthunder(t *testing.T) string { return testbin.VmthunderT(t) }
 
 // startExport runs `vmthunder export ARGS...` and returns once it says it
 // is serving, with the address it printed.

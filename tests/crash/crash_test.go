@@ -22,49 +22,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vmthunder/vmthunder/internal/testbin"
 )
 
-// serverCmd is the server's argv before the flags: `vmthunder export`,
-// or the stand-in nbdserve while vmthunder has no export command (or
-// with CRASH_SERVER=nbdserve).
-var serverCmd []string
-
-// hasChunkFlag: the server takes --chunk-size (small chunks make more
-// chunks in flight at each kill); without it the default is used.
-var hasChunkFlag = true
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "vmthunder-crash-bin-")
-	if err != nil {
-		panic(err)
-	}
-	code := func() int {
-		defer os.RemoveAll(dir)
-		bin := os.Getenv("VMTHUNDER_BIN")
-		if bin == "" {
-			bin = filepath.Join(dir, "vmthunder")
-			if out, err := exec.Command("go", "build", "-o", bin, "../../sidecar/cmd/vmthunder").CombinedOutput(); err != nil {
-				fmt.Fprintf(os.Stderr, "build vmthunder: %v\n%s", err, out)
-				return 1
-			}
-		}
-		out, _ := exec.Command(bin, "export", "-h").CombinedOutput()
-		if os.Getenv("CRASH_SERVER") != "nbdserve" && !strings.Contains(string(out), "unknown command") {
-			serverCmd = []string{bin, "export"}
-			hasChunkFlag = strings.Contains(string(out), "chunk-size")
-		} else {
-			fmt.Fprintln(os.Stderr, "crash: serving with the nbdserve stand-in, not vmthunder export")
-			stand := filepath.Join(dir, "nbdserve")
-			if out, err := exec.Command("go", "build", "-o", stand, "./nbdserve").CombinedOutput(); err != nil {
-				fmt.Fprintf(os.Stderr, "build nbdserve: %v\n%s", err, out)
-				return 1
-			}
-			serverCmd = []string{stand}
-		}
-		return m.Run()
-	}()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testbin.Main(m)) }
 
 func need(t *testing.T) {
 	t.Helper()
@@ -86,16 +48,8 @@ func serve(t *testing.T, args ...string) *server {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	s := &server{sock: sock, log: new(bytes.Buffer)}
-	if !hasChunkFlag {
-		for i, a := range args {
-			if a == "--chunk-size" {
-				args = append(args[:i:i], args[i+2:]...)
-				break
-			}
-		}
-	}
-	full := append(append(serverCmd[1:len(serverCmd):len(serverCmd)], "--socket", sock), args...)
-	s.cmd = exec.Command(serverCmd[0], full...)
+	full := append([]string{"export", "--socket", sock}, args...)
+	s.cmd = exec.Command(testbin.VmthunderT(t), full...)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -25,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/tests/e2e"
 	"github.com/vmthunder/vmthunder/tests/guestimage"
 )
@@ -110,7 +111,7 @@ func main() {
 	timeout := flag.Duration("timeout", 15*time.Minute, "give up after this long")
 	flag.Parse()
 	err := run(*n, *out, *chunk, *keep, *timeout)
-	e2e.Cleanup()
+	testbin.Cleanup()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
@@ -139,7 +140,7 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 		return err
 	}
 	progress("image %d MiB, %d MiB of data files, a boot reads %.1f MiB of them", img.Size>>20, img.DataBytes>>20, float64(img.BootReadBytes)/(1<<20))
-	bin, err := e2e.Binary(dir)
+	bin, err := testbin.Vmthunder()
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/tests/guestimage"
 )
 
@@ -32,7 +33,7 @@ func TestMain(m *testing.M) {
 		image, err = guestimage.Build(guestimage.Options{Dir: filepath.Join(root, "image")})
 	}
 	if err == nil {
-		bin, err = Binary(root)
+		bin, err = testbin.Vmthunder()
 	}
 	if err == nil {
 		lab, err = Open()
@@ -43,7 +44,7 @@ func TestMain(m *testing.M) {
 		lab.Close()
 	}
 	os.RemoveAll(root)
-	Cleanup()
+	testbin.Cleanup()
 	os.Exit(code)
 }
 

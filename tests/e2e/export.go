@@ -7,32 +7,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"sync"
 	"syscall"
 	"time"
 )
-
-// Binary finds the sidecar binary: $VMTHUNDER_BIN (make test sets it), or
-// one built from this tree into dir.
-func Binary(dir string) (string, error) {
-	if b := os.Getenv("VMTHUNDER_BIN"); b != "" {
-		if _, err := os.Stat(b); err != nil {
-			return "", fmt.Errorf("VMTHUNDER_BIN=%s: %w", b, err)
-		}
-		return b, nil
-	}
-	_, self, _, _ := runtime.Caller(0)
-	root := filepath.Join(filepath.Dir(self), "..", "..")
-	out := filepath.Join(dir, "vmthunder")
-	cmd := exec.Command("go", "build", "-o", out, "./sidecar/cmd/vmthunder")
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build the sidecar: %v: %s", err, b)
-	}
-	return out, nil
-}
 
 // ExportProc is one `vmthunder export` process serving one device on a
 // unix socket, the stand-in for a daemon export.

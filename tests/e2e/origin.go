@@ -10,13 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/vmthunder/vmthunder/internal/testbin"
 )
 
 // Meter is a TCP proxy on loopback in front of an iSCSI portal. It counts
@@ -128,51 +129,19 @@ type Origin struct {
 	done  chan struct{}
 }
 
-// buildTool builds a command of this module into dir.
-func buildTool(dir, name, pkg string) (string, error) {
-	_, self, _, _ := runtime.Caller(0)
-	out := filepath.Join(dir, name)
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	cmd.Dir = filepath.Join(filepath.Dir(self), "..", "..")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build %s: %v: %s", pkg, err, b)
-	}
-	return out, nil
-}
-
-var (
-	tgtupOnce sync.Once
-	tgtupDir  string
-	tgtupPath string
-	tgtupErr  error
-)
-
-// Cleanup removes the tools the harness built for this process.
-func Cleanup() {
-	if tgtupDir != "" {
-		os.RemoveAll(tgtupDir)
-	}
-}
-
 // StartOrigin serves a sparse copy of image (so guests' write-through
 // writes never touch the original) from a private tgtd.
 func StartOrigin(image, dir string) (*Origin, error) {
-	tgtupOnce.Do(func() {
-		tgtupDir, tgtupErr = os.MkdirTemp("", "vmthunder-e2e-tools-")
-		if tgtupErr != nil {
-			return
-		}
-		tgtupPath, tgtupErr = buildTool(tgtupDir, "tgtup", "./sidecar/internal/tgt/tgtup")
-	})
-	if tgtupErr != nil {
-		return nil, tgtupErr
+	tgtup, err := testbin.Build("./sidecar/internal/tgt/tgtup")
+	if err != nil {
+		return nil, err
 	}
 	file := filepath.Join(dir, "lun.img")
 	if out, err := exec.Command("cp", "--sparse=always", image, file).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("copy image for the LUN: %v: %s", err, out)
 	}
 	o := &Origin{File: file, done: make(chan struct{})}
-	o.cmd = exec.Command(tgtupPath, "-file", file, "-dir", dir, "-stdin")
+	o.cmd = exec.Command(tgtup, "-file", file, "-dir", dir, "-stdin")
 	o.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	var stderr bytes.Buffer
 	o.cmd.Stderr = &stderr

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/api/client"
 )
@@ -24,25 +25,12 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
-	bin = os.Getenv("VMTHUNDER_BIN")
-	tmp := ""
-	if bin == "" {
-		var err error
-		if tmp, err = os.MkdirTemp("", "vmt-bin-"); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		bin = filepath.Join(tmp, "vmthunder")
-		if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build vmthunder: %v\n%s", err, out)
-			os.Exit(1)
-		}
+	var err error
+	if bin, err = testbin.Vmthunder(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
-	code := m.Run()
-	if tmp != "" {
-		os.RemoveAll(tmp)
-	}
-	os.Exit(code)
+	os.Exit(testbin.Main(m))
 }
 
 // daemonProc is a `vmthunder daemon` process on its own directories.

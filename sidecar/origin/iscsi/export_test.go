@@ -10,25 +10,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/sidecar/internal/syncbuf"
 	"github.com/vmthunder/vmthunder/sidecar/internal/tgt"
 )
+
+func TestMain(m *testing.M) { os.Exit(testbin.Main(m)) }
 
 // vmthunder export iscsi://... serves the LUN byte-exact to clients nobody
 // here wrote: nbdcopy and qemu-img compare against the backing file.
 func TestExportISCSI(t *testing.T) {
 	dir := t.TempDir()
-	bin := os.Getenv("VMTHUNDER_BIN")
-	if bin == "" {
-		bin = filepath.Join(dir, "vmthunder")
-		if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/vmthunder").CombinedOutput(); err != nil {
-			t.Fatalf("build vmthunder: %v\n%s", err, out)
-		}
-	}
-	if out, err := exec.Command(bin, "export", "--help").CombinedOutput(); err != nil && !strings.Contains(string(out), "-socket") {
-		// Another engineer's issue; this test runs once it lands.
-		t.Skipf("vmthunder has no export subcommand yet: %s", strings.TrimSpace(string(out)))
-	}
+	bin := testbin.VmthunderT(t)
 	tg := tgt.Start(t, tgt.Options{Size: 48 << 20, CHAPUser: "exp", CHAPPassword: "export-secret-1"})
 	sock := filepath.Join(dir, "nbd.sock")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

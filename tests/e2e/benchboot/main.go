@@ -16,6 +16,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/tests/e2e"
 	"github.com/vmthunder/vmthunder/tests/guestimage"
 )
@@ -24,7 +25,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "warm boots of each kind (the median is reported)")
 	flag.Parse()
 	err := run(*rounds)
-	e2e.Cleanup()
+	testbin.Cleanup()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench-boot: %v\n", err)
 		os.Exit(1)
@@ -70,7 +71,7 @@ func run(rounds int) error {
 	if err != nil {
 		return err
 	}
-	bin, err := e2e.Binary(dir)
+	bin, err := testbin.Vmthunder()
 	if err != nil {
 		return err
 	}
