@@ -23,11 +23,30 @@ type Config struct {
 	StateDir     string // exports table, default COW stores
 	APISocket    string
 	NBDSocketDir string
-	// SocketGroup is the group QEMU runs in; the API and NBD sockets are
-	// owned by root:SocketGroup, mode 0660. Empty: root's group.
-	SocketGroup string
-	SocketGID   int // -1 when SocketGroup is empty
-	LogLevel    logrus.Level
+	// APIGroup may use the API socket (nova-compute's and cinder-volume's
+	// group, never QEMU's): root:APIGroup mode 0660. Empty: root only,
+	// mode 0600. Whoever reaches the API can make the root daemon export
+	// what the allowed_* keys below permit.
+	APIGroup string
+	APIGID   int // -1 when APIGroup is empty
+	// NBDGroup is the group QEMU runs in: the NBD sockets are
+	// root:NBDGroup mode 0660 in a directory root:NBDGroup 0750. It grants
+	// no access to the API. Empty: root only. The deprecated key
+	// socket_group sets it.
+	NBDGroup string
+	NBDGID   int // -1 when NBDGroup is empty
+
+	// AllowedOriginDirs are the directories local origin files may be in
+	// (after symlinks and ".." are resolved). Empty: no local files.
+	AllowedOriginDirs []string
+	// AllowedOriginDevices are globs (filepath.Match) of the block device
+	// paths an origin may name, e.g. /dev/disk/by-path/ip-*-iscsi-*-lun-*.
+	AllowedOriginDevices []string
+	// AllowedCowDirs are the directories COW stores may be created in.
+	// Nil: state_dir/cow (Validate fills it in).
+	AllowedCowDirs []string
+
+	LogLevel logrus.Level
 
 	CacheDir    string
 	CacheBudget int64 // bytes; 0: no limit
@@ -43,17 +62,26 @@ func Defaults() *Config {
 		APISocket:    "/run/vmthunder/api.sock",
 		NBDSocketDir: "/run/vmthunder/nbd",
 		CacheDir:     "/var/lib/vmthunder/cache",
-		SocketGID:    -1,
-		LogLevel:     logrus.InfoLevel,
-		ChunkSize:    256 << 10,
+		APIGID:       -1,
+		NBDGID:       -1,
+		// The by-path names udev gives LUNs of kernel iSCSI sessions
+		// (what os-brick's iSCSI connector attaches). Not /dev/disk/by-id/*:
+		// that names the host's own disks too.
+		AllowedOriginDevices: append([]string(nil), DefaultOriginDevices...),
+		LogLevel:             logrus.InfoLevel,
+		ChunkSize:            256 << 10,
 	}
 }
 
+// DefaultOriginDevices is the default of allowed_origin_devices.
+var DefaultOriginDevices = []string{"/dev/disk/by-path/ip-*-iscsi-*-lun-*"}
+
 // known lists every key we read, to warn about typos.
 var known = map[string][]string{
-	ini.DefaultSection: {"state_dir", "api_socket", "nbd_socket_dir", "socket_group", "log_level"},
-	"cache":            {"dir", "size_budget", "chunk_size"},
-	"metrics":          {"listen"},
+	ini.DefaultSection: {"state_dir", "api_socket", "nbd_socket_dir", "api_group", "nbd_group", "socket_group", "log_level",
+		"allowed_origin_dirs", "allowed_origin_devices", "allowed_cow_dirs"},
+	"cache":   {"dir", "size_budget", "chunk_size"},
+	"metrics": {"listen"},
 }
 
 // Load reads path. The warnings are about keys and sections it does not
@@ -100,13 +128,38 @@ func Load(path string) (*Config, []string, error) {
 		*dst = v
 		return nil
 	}
+	// list reads a comma-separated list; absPath: each item must be an
+	// absolute path (a glob for allowed_origin_devices).
+	list := func(sec, key string, dst *[]string, absPath bool) error {
+		if !f.Section(sec).HasKey(key) {
+			return nil
+		}
+		out := []string{}
+		for _, v := range strings.Split(f.Section(sec).Key(key).String(), ",") {
+			if v = strings.TrimSpace(v); v == "" {
+				continue
+			}
+			if absPath && !filepath.IsAbs(v) {
+				return bad(sec, key, fmt.Sprintf("%q is not an absolute path", v))
+			}
+			out = append(out, filepath.Clean(v))
+		}
+		*dst = out
+		return nil
+	}
 	d := ini.DefaultSection
 	c.CacheDir = ""
+	var socketGroup string
 	errs := []error{
 		str(d, "state_dir", &c.StateDir, true),
 		str(d, "api_socket", &c.APISocket, true),
 		str(d, "nbd_socket_dir", &c.NBDSocketDir, true),
-		str(d, "socket_group", &c.SocketGroup, false),
+		str(d, "api_group", &c.APIGroup, false),
+		str(d, "nbd_group", &c.NBDGroup, false),
+		str(d, "socket_group", &socketGroup, false),
+		list(d, "allowed_origin_dirs", &c.AllowedOriginDirs, true),
+		list(d, "allowed_origin_devices", &c.AllowedOriginDevices, true),
+		list(d, "allowed_cow_dirs", &c.AllowedCowDirs, true),
 		str("cache", "dir", &c.CacheDir, true),
 		str("metrics", "listen", &c.MetricsListen, false),
 	}
@@ -115,6 +168,28 @@ func Load(path string) (*Config, []string, error) {
 	}
 	if c.CacheDir == "" {
 		c.CacheDir = filepath.Join(c.StateDir, "cache")
+	}
+	if f.Section(d).HasKey("socket_group") {
+		// It used to own the API socket as well: QEMU's group could then
+		// ask the root daemon for exports. It now means nbd_group only.
+		if f.Section(d).HasKey("nbd_group") {
+			warnings = append(warnings, fmt.Sprintf("config %s: [DEFAULT] socket_group is deprecated and ignored: nbd_group is set", path))
+		} else {
+			c.NBDGroup = socketGroup
+			warnings = append(warnings, fmt.Sprintf("config %s: [DEFAULT] socket_group is deprecated: it is read as nbd_group (the NBD sockets) and no longer opens the API socket; rename it to nbd_group, and set api_group to nova-compute's group", path))
+		}
+	}
+	for _, g := range []struct {
+		key  string
+		name string
+	}{{"api_group", c.APIGroup}, {"nbd_group", c.NBDGroup}} {
+		if _, err := lookupGroup(g.name); err != nil {
+			key := g.key
+			if key == "nbd_group" && !f.Section(d).HasKey("nbd_group") {
+				key = "socket_group"
+			}
+			return nil, warnings, bad(d, key, err.Error())
+		}
 	}
 	if s := f.Section(d); s.HasKey("log_level") {
 		lv, err := logrus.ParseLevel(strings.TrimSpace(s.Key("log_level").String()))
@@ -145,8 +220,8 @@ func Load(path string) (*Config, []string, error) {
 			return nil, warnings, bad("metrics", "listen", err.Error())
 		}
 	}
-	if err := c.resolveGroup(); err != nil {
-		return nil, warnings, bad(d, "socket_group", err.Error())
+	if err := c.Validate(); err != nil {
+		return nil, warnings, fmt.Errorf("config %s: %s", path, strings.TrimPrefix(err.Error(), "config: "))
 	}
 	return c, warnings, nil
 }
@@ -163,40 +238,60 @@ func splitHostPort(s string) (string, int, error) {
 	return s[:i], p, nil
 }
 
-// resolveGroup looks the socket group up once, so a typo stops the daemon
-// at start rather than leaving sockets QEMU cannot open.
-func (c *Config) resolveGroup() error {
-	c.SocketGID = -1
-	if c.SocketGroup == "" {
-		return nil
+// lookupGroup resolves a group name or number once, so a typo stops the
+// daemon at start rather than leaving sockets nobody can open. "": -1.
+func lookupGroup(name string) (int, error) {
+	if name == "" {
+		return -1, nil
 	}
-	if gid, err := strconv.Atoi(c.SocketGroup); err == nil && gid >= 0 {
-		c.SocketGID = gid
-		return nil
+	if gid, err := strconv.Atoi(name); err == nil && gid >= 0 {
+		return gid, nil
 	}
-	g, err := user.LookupGroup(c.SocketGroup)
+	g, err := user.LookupGroup(name)
 	if err != nil {
-		return fmt.Errorf("no group %q on this host", c.SocketGroup)
+		return -1, fmt.Errorf("no group %q on this host", name)
 	}
 	gid, err := strconv.Atoi(g.Gid)
 	if err != nil {
-		return fmt.Errorf("group %q has a non-numeric gid %q", c.SocketGroup, g.Gid)
+		return -1, fmt.Errorf("group %q has a non-numeric gid %q", name, g.Gid)
 	}
-	c.SocketGID = gid
-	return nil
+	return gid, nil
 }
 
 // Validate checks a Config built in code (tests, defaults) the way Load
-// checks a file.
+// checks a file, resolves the groups and fills in allowed_cow_dirs.
 func (c *Config) Validate() error {
 	for k, v := range map[string]string{"state_dir": c.StateDir, "api_socket": c.APISocket, "nbd_socket_dir": c.NBDSocketDir, "[cache] dir": c.CacheDir} {
 		if !filepath.IsAbs(v) {
 			return fmt.Errorf("config: %s %q is not an absolute path", k, v)
 		}
 	}
-	if c.SocketGID < 0 && c.SocketGroup != "" {
-		if err := c.resolveGroup(); err != nil {
-			return fmt.Errorf("config: socket_group: %w", err)
+	var err error
+	if c.APIGID, err = lookupGroup(c.APIGroup); err != nil {
+		return fmt.Errorf("config: api_group: %w", err)
+	}
+	if c.NBDGID, err = lookupGroup(c.NBDGroup); err != nil {
+		return fmt.Errorf("config: nbd_group: %w", err)
+	}
+	// The NBD socket directory is open to nbd_group (QEMU): the API
+	// socket must not be in it.
+	apiDir, nbdDir := filepath.Clean(filepath.Dir(c.APISocket)), filepath.Clean(c.NBDSocketDir)
+	if apiDir == nbdDir || strings.HasPrefix(apiDir, nbdDir+"/") {
+		return fmt.Errorf("config: api_socket %s is inside nbd_socket_dir %s, which is open to nbd_group: put it elsewhere", c.APISocket, c.NBDSocketDir)
+	}
+	if c.AllowedCowDirs == nil {
+		c.AllowedCowDirs = []string{filepath.Join(c.StateDir, "cow")}
+	}
+	for k, l := range map[string][]string{"allowed_origin_dirs": c.AllowedOriginDirs, "allowed_origin_devices": c.AllowedOriginDevices, "allowed_cow_dirs": c.AllowedCowDirs} {
+		for _, v := range l {
+			if !filepath.IsAbs(v) {
+				return fmt.Errorf("config: %s: %q is not an absolute path", k, v)
+			}
+			if k == "allowed_origin_devices" {
+				if _, err := filepath.Match(v, "/"); err != nil {
+					return fmt.Errorf("config: allowed_origin_devices: %q is not a valid glob: %v", v, err)
+				}
+			}
 		}
 	}
 	return nil

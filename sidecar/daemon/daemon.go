@@ -99,9 +99,12 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 	if log == nil {
 		log = logrus.StandardLogger()
 	}
-	for _, dir := range []string{cfg.StateDir, filepath.Join(cfg.StateDir, "cow")} {
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state_dir: %w", err)
+	}
+	for _, dir := range cfg.AllowedCowDirs { // state_dir/cow by default
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("state_dir: %w", err)
+			return nil, fmt.Errorf("allowed_cow_dirs: %w", err)
 		}
 	}
 	lk, err := os.OpenFile(filepath.Join(cfg.StateDir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
@@ -225,22 +228,22 @@ func (d *Daemon) socketPath(id string) string {
 	return filepath.Join(d.cfg.NBDSocketDir, id+".sock")
 }
 
-// prepareSocketDirs makes the API socket's directory (0755, so QEMU's
-// group can reach the socket) and the NBD socket directory (0750
-// root:socket_group, or 0755 without a group).
+// prepareSocketDirs makes the API socket's directory (prepareAPIDir: never
+// open to nbd_group) and the NBD socket directory (0750 root:nbd_group, or
+// 0755 without a group).
 func (d *Daemon) prepareSocketDirs() error {
-	if err := os.MkdirAll(filepath.Dir(d.cfg.APISocket), 0o755); err != nil {
-		return fmt.Errorf("api_socket directory: %w", err)
+	if err := d.prepareAPIDir(); err != nil {
+		return err
 	}
 	mode := os.FileMode(0o755)
-	if d.cfg.SocketGID >= 0 {
+	if d.cfg.NBDGID >= 0 {
 		mode = 0o750
 	}
 	if err := os.MkdirAll(d.cfg.NBDSocketDir, mode); err != nil {
 		return fmt.Errorf("nbd_socket_dir: %w", err)
 	}
-	if d.cfg.SocketGID >= 0 {
-		if err := os.Chown(d.cfg.NBDSocketDir, -1, d.cfg.SocketGID); err != nil {
+	if d.cfg.NBDGID >= 0 {
+		if err := os.Chown(d.cfg.NBDSocketDir, -1, d.cfg.NBDGID); err != nil {
 			return fmt.Errorf("nbd_socket_dir: %w", err)
 		}
 	}
@@ -250,9 +253,10 @@ func (d *Daemon) prepareSocketDirs() error {
 	return nil
 }
 
-// listenUnix listens at path for QEMU: root:socket_group, mode 0660.
+// listenUnix listens at an NBD socket path for QEMU: root:nbd_group, mode
+// 0660. (The API socket is listenAPI's.)
 func (d *Daemon) listenUnix(path string) (net.Listener, error) {
-	ln, err := unixsock.Listen(path, d.cfg.SocketGID)
+	ln, err := unixsock.Listen(path, d.cfg.NBDGID)
 	if err != nil && len(path) > unixsock.MaxPath {
 		err = fmt.Errorf("%w: %v", blockdev.ErrInvalid, err)
 	}
@@ -276,6 +280,9 @@ func (d *Daemon) chunkFor(base string) int64 {
 // open builds the export's stack and serves it on its socket.
 func (d *Daemon) open(e *export) error {
 	r := e.rec
+	if err := d.checkAccess(r); err != nil { // access.go: allowed_* config keys
+		return err
+	}
 	if r.Mode == api.ModeCOW {
 		if err := os.MkdirAll(filepath.Dir(r.CowPath), 0o700); err != nil {
 			return fmt.Errorf("cow_path directory: %w", err)
@@ -489,6 +496,16 @@ func (d *Daemon) Delete(id string, deleteCOW bool) error {
 	e, err := d.acquire(id)
 	if err != nil {
 		return err
+	}
+	if deleteCOW && e.rec.CowPath != "" {
+		// Only a store inside allowed_cow_dirs is removed (access.go); the
+		// export is kept so the caller sees the refusal.
+		if _, err := d.checkCow(e.rec.CowPath); err != nil {
+			d.mu.Lock()
+			e.busy = false
+			d.mu.Unlock()
+			return err
+		}
 	}
 	log := d.log.WithField("export", id)
 	if err := d.closeExport(e); err != nil {

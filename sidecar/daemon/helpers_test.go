@@ -44,6 +44,9 @@ func newEnv(t *testing.T, mod func(*config.Config)) *env {
 	cfg.APISocket = filepath.Join(dir, "run", "api.sock")
 	cfg.NBDSocketDir = filepath.Join(dir, "run", "nbd")
 	cfg.ChunkSize = 64 << 10
+	// The tests' images and COW stores are in dir (access.go).
+	cfg.AllowedOriginDirs = []string{dir}
+	cfg.AllowedCowDirs = []string{dir}
 	if mod != nil {
 		mod(cfg)
 	}

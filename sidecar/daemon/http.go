@@ -149,7 +149,7 @@ func writeError(w http.ResponseWriter, err error) {
 }
 
 func (d *Daemon) serveAPI() error {
-	ln, err := d.listenUnix(d.cfg.APISocket)
+	ln, err := d.listenAPI() // root:api_group (access.go), not nbd_group
 	if err != nil {
 		return err
 	}

@@ -53,7 +53,7 @@ func TestSocketPermissions(t *testing.T) {
 	}
 	t.Cleanup(func() { exec.Command("userdel", member).Run() })
 
-	e := newEnv(t, func(c *config.Config) { c.SocketGroup = group })
+	e := newEnv(t, func(c *config.Config) { c.NBDGroup, c.APIGroup = group, group })
 	if err := os.Chmod(e.dir, 0o755); err != nil { // let others reach run/
 		t.Fatal(err)
 	}
