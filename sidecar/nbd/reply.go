@@ -13,7 +13,8 @@ import (
 type reply struct {
 	head    [28]byte
 	headLen uint8
-	pooled  bool // data comes from getBuf and goes back after the write
+	pooled  bool  // data comes from getBuf and goes back after the write
+	cost    int64 // memory budget the request holds until the write
 	data    []byte
 }
 
@@ -77,8 +78,9 @@ func (c *conn) writeLoop() {
 		c.pending.Add(-int32(len(batch)))
 		for i := range batch {
 			if batch[i].pooled {
-				putBuf(batch[i].data)
+				c.putBuf(batch[i].data)
 			}
+			c.release(batch[i].cost)
 			batch[i] = reply{}
 		}
 	}
@@ -108,6 +110,14 @@ func poolIndex(n int) int {
 		return 0
 	}
 	return bits.Len(uint(n-1)) - 12
+}
+
+// bufCap is the capacity getBuf(n) returns: the memory n bytes take.
+func bufCap(n int) int {
+	if i := poolIndex(n); i < len(bufPools) {
+		return 4096 << i
+	}
+	return n
 }
 
 func getBuf(n int) []byte {

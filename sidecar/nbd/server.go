@@ -46,12 +46,18 @@ type Server struct {
 	connections atomic.Int64
 	inFlight    atomic.Int64
 	requests    atomic.Uint64
+
+	budget    *MemoryBudget // request buffers of every export (budget.go)
+	exportMem int64         // the bound of each export's own budget
+	held      memCounter    // request buffers allocated now
 }
 
 type export struct {
 	dev     blockdev.Device
 	conns   map[*conn]struct{}
 	removed bool
+	budget  *MemoryBudget
+	held    memCounter
 }
 
 // Stats are a server's counters.
@@ -59,20 +65,60 @@ type Stats struct {
 	Connections int64  // clients in the transmission phase
 	InFlight    int64  // requests being served
 	Requests    uint64 // requests answered since the start
+	Buffered    int64  // bytes of request and reply buffers held now
+}
+
+// Option configures a Server.
+type Option func(*Server)
+
+// WithMemoryLimits bounds the bytes of request buffers (WRITE payloads,
+// READ data until it is sent) held at once by the whole server and by each
+// export. A zero or negative value keeps the default (DefaultServerMemory,
+// DefaultExportMemory). Clients past a bound wait: their requests are not
+// read until earlier ones are answered.
+func WithMemoryLimits(perServer, perExport int64) Option {
+	return func(s *Server) {
+		if perServer > 0 {
+			s.budget = NewMemoryBudget(perServer)
+		}
+		if perExport > 0 {
+			s.exportMem = perExport
+		}
+	}
+}
+
+// WithMemoryBudget makes the server take its requests' buffers from b,
+// which other servers may share (a daemon serving each export with its
+// own Server bounds them all together this way).
+func WithMemoryBudget(b *MemoryBudget) Option {
+	return func(s *Server) {
+		if b != nil {
+			s.budget = b
+		}
+	}
 }
 
 // NewServer returns a server with no exports.
-func NewServer(log logrus.FieldLogger) *Server {
+func NewServer(log logrus.FieldLogger, opts ...Option) *Server {
 	if log == nil {
 		log = logrus.StandardLogger()
 	}
-	return &Server{log: log, exports: map[string]*export{},
-		listeners: map[net.Listener]struct{}{}, pending: map[net.Conn]struct{}{}}
+	s := &Server{log: log, exports: map[string]*export{},
+		listeners: map[net.Listener]struct{}{}, pending: map[net.Conn]struct{}{},
+		exportMem: DefaultExportMemory}
+	for _, o := range opts {
+		o(s)
+	}
+	if s.budget == nil {
+		s.budget = NewMemoryBudget(DefaultServerMemory)
+	}
+	return s
 }
 
 // Stats returns the current counters.
 func (s *Server) Stats() Stats {
-	return Stats{Connections: s.connections.Load(), InFlight: s.inFlight.Load(), Requests: s.requests.Load()}
+	return Stats{Connections: s.connections.Load(), InFlight: s.inFlight.Load(), Requests: s.requests.Load(),
+		Buffered: s.held.cur.Load()}
 }
 
 // Add makes dev available as export name ("" is the default export).
@@ -88,7 +134,7 @@ func (s *Server) Add(name string, dev blockdev.Device) error {
 	if _, ok := s.exports[name]; ok {
 		return fmt.Errorf("nbd: export %q already exists", name)
 	}
-	s.exports[name] = &export{dev: dev, conns: map[*conn]struct{}{}}
+	s.exports[name] = &export{dev: dev, conns: map[*conn]struct{}{}, budget: NewMemoryBudget(s.exportMem)}
 	return nil
 }
 

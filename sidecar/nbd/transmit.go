@@ -49,12 +49,14 @@ type conn struct {
 	writerDone chan struct{}
 
 	stopping atomic.Bool
+	stop     chan struct{} // closed by shutdown: wakes a reader waiting for memory
 	done     chan struct{} // closed once the connection is gone
 }
 
 type job struct {
 	req     request
 	payload []byte // WRITE data, from getBuf
+	cost    int64  // memory budget held until the reply is written
 }
 
 func newConn(srv *Server, nc net.Conn, r *bufio.Reader, sess *session, log logrus.FieldLogger) *conn {
@@ -62,7 +64,7 @@ func newConn(srv *Server, nc net.Conn, r *bufio.Reader, sess *session, log logru
 	return &conn{srv: srv, nc: nc, r: r, sess: sess, dev: sess.export.dev, log: log, maxBlock: maxBlock,
 		work: make(chan job), replies: make(chan reply, 3*MaxInFlight),
 		async: blockdev.AsyncOf(sess.export.dev), slots: make(chan struct{}, MaxInFlight),
-		writerDone: make(chan struct{}), done: make(chan struct{})}
+		writerDone: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 }
 
 // shutdown stops reading new requests; those already read still get
@@ -71,6 +73,7 @@ func (c *conn) shutdown() {
 	if c.stopping.Swap(true) {
 		return
 	}
+	close(c.stop)
 	now := time.Now()
 	_ = c.nc.SetReadDeadline(now)
 	_ = c.nc.SetWriteDeadline(now.Add(drainTimeout))
@@ -113,6 +116,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		var payload []byte
+		var cost int64
 		if req.typ == cmdWrite {
 			if req.length > c.maxBlock {
 				// Drain the payload so the stream stays in step, then refuse.
@@ -125,23 +129,39 @@ func (c *conn) readLoop() {
 				c.replies <- c.errorReply(req, errInval, fmt.Sprintf("write of %d bytes exceeds the maximum block size %d", req.length, c.maxBlock))
 				continue
 			}
-			if c.r.Buffered() < int(req.length) {
-				c.unplug()
-			}
-			payload = getBuf(int(req.length))
-			if _, err := io.ReadFull(c.r, payload); err != nil {
-				putBuf(payload)
-				return
+			if req.length > 0 {
+				// Take the memory before the payload is read: past the
+				// bounds the client waits, its data left in the socket.
+				cost = int64(bufCap(int(req.length)))
+				if !c.acquire(cost) {
+					return
+				}
+				if c.r.Buffered() < int(req.length) {
+					c.unplug()
+				}
+				payload = c.getBuf(int(req.length))
+				if _, err := io.ReadFull(c.r, payload); err != nil {
+					c.putBuf(payload)
+					c.release(cost)
+					return
+				}
 			}
 		}
 		if req.typ == cmdDisc {
 			return
 		}
+		if req.typ == cmdRead && req.length > 0 && req.length <= c.maxBlock {
+			// Likewise for the buffer the data will be read into.
+			cost = int64(bufCap(int(req.length)))
+			if !c.acquire(cost) {
+				return
+			}
+		}
 		c.pending.Add(1)
-		if req.typ == cmdRead && c.async != nil && c.readAsync(req) {
+		if req.typ == cmdRead && c.async != nil && c.readAsync(req, cost) {
 			continue
 		}
-		c.dispatch(job{req, payload})
+		c.dispatch(job{req, payload, cost})
 	}
 }
 
@@ -156,7 +176,7 @@ func (c *conn) unplug() {
 // readAsync starts a READ on the device's asynchronous path, unless it is
 // one for the synchronous path's checks and error replies. The reply is
 // queued from the device's goroutine.
-func (c *conn) readAsync(req request) bool {
+func (c *conn) readAsync(req request, cost int64) bool {
 	size := c.dev.Size()
 	off, length := int64(req.offset), int64(req.length)
 	if length == 0 || req.flags&^c.allowedFlags(cmdRead) != 0 || req.length > c.maxBlock || req.offset > uint64(size) || length > size-off {
@@ -170,16 +190,17 @@ func (c *conn) readAsync(req request) bool {
 	}
 	c.running.Add(1)
 	c.srv.inFlight.Add(1)
-	buf := getBuf(int(length))
+	buf := c.getBuf(int(length))
 	c.plugged = true
 	c.async.ReadAtAsync(buf, off, func(err error) {
 		var r reply
 		if err != nil {
-			putBuf(buf)
+			c.putBuf(buf)
 			r = c.deviceError(req, err)
 		} else {
 			r = c.readReply(req, buf)
 		}
+		r.cost = cost
 		// done must not block the device's goroutine (it may serve every
 		// connection) behind a client that is slow to read its replies.
 		// The slot is held until the reply is queued, so at most
@@ -230,8 +251,9 @@ func (c *conn) worker(j job) {
 		c.srv.inFlight.Add(1)
 		r := c.handle(j.req, j.payload)
 		if j.payload != nil {
-			putBuf(j.payload)
+			c.putBuf(j.payload)
 		}
+		r.cost = j.cost
 		c.replies <- r
 		c.srv.inFlight.Add(-1)
 		c.srv.requests.Add(1)
@@ -269,9 +291,9 @@ func (c *conn) handle(req request, payload []byte) reply {
 		}
 		// Read before sending anything: a simple reply cannot take an
 		// error back once its header is on the wire.
-		buf := getBuf(int(length))
+		buf := c.getBuf(int(length))
 		if _, err := c.dev.ReadAt(buf, off); err != nil {
-			putBuf(buf)
+			c.putBuf(buf)
 			return c.deviceError(req, err)
 		}
 		return c.readReply(req, buf)
@@ -337,6 +359,53 @@ func (c *conn) handle(req request, payload []byte) reply {
 	}
 }
 
+// acquire takes n bytes from the export's and the server's memory budgets,
+// in that order, waiting while they are used up. It returns false when the
+// connection is shut down meanwhile. Only the reader calls it.
+func (c *conn) acquire(n int64) bool {
+	eb, sb := c.sess.export.budget, c.srv.budget
+	haveExport := eb.tryAcquire(n)
+	if haveExport && sb.tryAcquire(n) {
+		return true
+	}
+	// The export's share may be held while waiting for the server's,
+	// never the other way round, so waiters cannot wait on each other.
+	c.unplug() // what we wait for must be on its way
+	if !haveExport && !eb.acquire(n, c.stop) {
+		return false
+	}
+	if !sb.acquire(n, c.stop) {
+		eb.release(n)
+		return false
+	}
+	return true
+}
+
+// release gives back what acquire(n) took.
+func (c *conn) release(n int64) {
+	if n > 0 {
+		c.srv.budget.release(n)
+		c.sess.export.budget.release(n)
+	}
+}
+
+// getBuf and putBuf are the pool's, counting the bytes requests hold.
+func (c *conn) getBuf(n int) []byte {
+	b := getBuf(n)
+	c.srv.held.add(int64(cap(b)))
+	c.sess.export.held.add(int64(cap(b)))
+	return b
+}
+
+func (c *conn) putBuf(b []byte) {
+	if b == nil {
+		return
+	}
+	c.srv.held.add(-int64(cap(b)))
+	c.sess.export.held.add(-int64(cap(b)))
+	putBuf(b)
+}
+
 // allowedFlags are the command flags valid for typ on this connection:
 // those the spec defines for the command, and of them only the ones whose
 // transmission flag was sent. FUA is valid on every command once
@@ -366,7 +435,7 @@ func (c *conn) allowedFlags(typ uint16) uint16 {
 // readReply carries buf (from getBuf, or nil) as the data of a successful READ.
 func (c *conn) readReply(req request, buf []byte) reply {
 	if len(buf) == 0 {
-		putBuf(buf)
+		c.putBuf(buf)
 		if !c.sess.structured {
 			return simpleReply(req.cookie, 0, nil, false)
 		}
