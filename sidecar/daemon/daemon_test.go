@@ -33,7 +33,7 @@ func TestAPIErrors(t *testing.T) {
 		{"POST", "/v1/exports", `{"id":"x","origin":"iscsi://127.0.0.1/not-an-iqn/0","mode":"cow"}`, 400, api.CodeBadOrigin, "not-an-iqn"},
 		{"POST", "/v1/exports", `{"id":"x","connection_info":{"target_portal":"127.0.0.1:3260","target_iqn":"bogus","target_lun":0},"mode":"cow"}`, 400, api.CodeBadOrigin, "iqn"},
 		{"POST", "/v1/exports", `{"id":"x","origin":"ftp://h/x","mode":"cow"}`, 400, api.CodeBadOrigin, "scheme"},
-		{"POST", "/v1/exports", `{"id":"x","origin":"/nonexistent/img","mode":"cow"}`, 400, api.CodeOriginError, "/nonexistent/img"},
+		{"POST", "/v1/exports", `{"id":"x","origin":"/nonexistent/img","mode":"cow"}`, 403, api.CodeForbidden, "allowed_origin_dirs"},
 		{"POST", "/v1/exports", `{"id":"dup","origin":"` + img + `","mode":"cow"}`, 409, api.CodeExists, `"dup"`},
 		{"POST", "/v1/exports", `{"id":"` + strings.Repeat("z", 120) + `","origin":"` + img + `","mode":"cow"}`, 400, api.CodeInvalid, "107"},
 		{"GET", "/v1/exports/nope", "", 404, api.CodeNotFound, `"nope"`},

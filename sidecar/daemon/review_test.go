@@ -75,16 +75,25 @@ func grepLines(s, sub string) string {
 	return strings.Join(out, "\n")
 }
 
-// A local origin that cannot be used (a directory) is a 400, as
-// docs/api.md says for local paths; 502 is for targets.
+// A missing local origin in an allowed directory is a 400, as
+// docs/api.md says for local paths (502 is for targets); a directory or a
+// character device is never exported (403, access.go).
 func TestCreateLocalOriginNotADisk(t *testing.T) {
 	e := newEnv(t, nil)
-	for _, origin := range []string{e.dir, "/dev/null"} {
+	sub := filepath.Join(e.dir, "sub")
+	if err := os.Mkdir(sub, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for origin, want := range map[string]int{filepath.Join(e.dir, "missing.img"): 400, sub: 403, "/dev/null": 403} {
 		st, b := e.raw("POST", "/v1/exports", `{"id":"x","origin":"`+origin+`","mode":"readonly"}`)
 		var ae api.Error
 		json.Unmarshal([]byte(b), &ae)
-		if st != 400 || ae.Code != api.CodeOriginError || !strings.Contains(ae.Message, origin) {
-			t.Errorf("origin %s: got %d %s, want 400 origin_error", origin, st, b)
+		code := api.CodeOriginError
+		if want == 403 {
+			code = api.CodeForbidden
+		}
+		if st != want || ae.Code != code || !strings.Contains(ae.Message, origin) {
+			t.Errorf("origin %s: got %d %s, want %d %s", origin, st, b, want, code)
 		}
 	}
 }
