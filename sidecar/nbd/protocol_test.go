@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -324,5 +325,48 @@ func TestUnsupportedOperationIsENOTSUP(t *testing.T) {
 	c.send(cmdWriteZeroes, cmdFlagFastZero, 5, 0, 4096, nil)
 	if errno, cookie, _ := c.reply(0); errno != errInval || cookie != 5 {
 		t.Fatalf("fast zero with simple replies: errno %d cookie %d, want EINVAL", errno, cookie)
+	}
+}
+
+// Clients that connect and never finish negotiating are bounded: past
+// the bound new connections are closed at once; once the others are
+// done, clients get in again.
+func TestNegotiatingClientsAreBounded(t *testing.T) {
+	srv, sock := serveWith(t, nil, map[string]blockdev.Device{"": memdev.New(1 << 20)})
+	srv.mu.Lock()
+	srv.maxHandshakes = 3
+	srv.mu.Unlock()
+	var idle []*rawClient
+	for range 3 {
+		idle = append(idle, dialHandshake(t, sock)) // greeted, then silent
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 18)); err != io.EOF {
+		t.Fatalf("a fourth negotiating client: read %d %v, want EOF", n, err)
+	}
+	for _, r := range idle {
+		r.c.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		srv.mu.Lock()
+		n := len(srv.pending)
+		srv.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d clients still negotiating after they left", n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	out := run(t, "nbdinfo", uri(sock, ""))
+	if !strings.Contains(out, "export-size: 1048576") {
+		t.Fatalf("nbdinfo after the idle clients left:\n%s", out)
 	}
 }

@@ -29,6 +29,10 @@ const defaultMaxBlock = 32 << 20
 // hold a connection for ever.
 const handshakeTimeout = 30 * time.Second
 
+// maxHandshakes bounds the clients negotiating at once; more are closed
+// as they are accepted.
+const maxHandshakes = 256
+
 // unixSendBuffer is the socket send buffer asked for on unix connections
 // (the kernel caps it at net.core.wmem_max).
 const unixSendBuffer = 4 << 20
@@ -41,7 +45,9 @@ type Server struct {
 	exports   map[string]*export
 	listeners map[net.Listener]struct{}
 	pending   map[net.Conn]struct{} // connections still negotiating
-	closed    bool
+	// maxHandshakes bounds len(pending) (tests lower it).
+	maxHandshakes int
+	closed        bool
 
 	connections atomic.Int64
 	inFlight    atomic.Int64
@@ -105,7 +111,7 @@ func NewServer(log logrus.FieldLogger, opts ...Option) *Server {
 	}
 	s := &Server{log: log, exports: map[string]*export{},
 		listeners: map[net.Listener]struct{}{}, pending: map[net.Conn]struct{}{},
-		exportMem: DefaultExportMemory}
+		exportMem: DefaultExportMemory, maxHandshakes: maxHandshakes}
 	for _, o := range opts {
 		o(s)
 	}
@@ -190,6 +196,15 @@ func (s *Server) Serve(l net.Listener) error {
 			s.mu.Unlock()
 			nc.Close()
 			return nil
+		}
+		if len(s.pending) >= s.maxHandshakes {
+			// Each negotiating client holds up to ~130 KiB (buffers and
+			// one option) for up to handshakeTimeout: bound them.
+			s.mu.Unlock()
+			s.log.WithField("remote", nc.RemoteAddr().String()).
+				Warnf("nbd: %d clients already negotiating: connection refused", s.maxHandshakes)
+			nc.Close()
+			continue
 		}
 		s.pending[nc] = struct{}{}
 		s.mu.Unlock()
