@@ -28,24 +28,36 @@ type CreateRequest struct {
 	// ConnectionInfo is Cinder's connection_info "data" dict (or the whole
 	// connection_info with driver_volume_type "iscsi" and "data").
 	ConnectionInfo map[string]any `json:"connection_info,omitempty"`
-	Base           string         `json:"base,omitempty"`
-	Mode           string         `json:"mode"`
-	CowPath        string         `json:"cow_path,omitempty"`
+	// Base names a template: read-only content shared by every export of
+	// it on the node, whose cache outlives them. Generation (required with
+	// Base) names the content's version; a new generation gets a new cache.
+	// Without Base the export's base is its origin volume's own.
+	Base       string `json:"base,omitempty"`
+	Generation string `json:"generation,omitempty"`
+	Mode       string `json:"mode"`
+	CowPath    string `json:"cow_path,omitempty"`
 }
 
-// WarmRequest is the optional body of POST /v1/bases/{id}/warm: the origin
-// to fill from when no export of the base is open.
+// WarmRequest is the optional body of POST /v1/bases/{id}/warm: the
+// origin to fill from when no export of the base is open. Only a template
+// can be warmed without an export (a volume's cache lives only while it
+// has one): then {id} is the template and Generation is required.
 type WarmRequest struct {
 	Origin         string         `json:"origin,omitempty"`
 	ConnectionInfo map[string]any `json:"connection_info,omitempty"`
+	Generation     string         `json:"generation,omitempty"`
 }
 
 // Export is one export as the API shows it: the answer to create, get,
 // refresh, and an item of list. It never carries a password.
 type Export struct {
-	ID         string `json:"id"`
-	Mode       string `json:"mode"`
-	Base       string `json:"base"`
+	ID   string `json:"id"`
+	Mode string `json:"mode"`
+	// Base is the base cache's id (what GET /v1/bases lists).
+	Base string `json:"base"`
+	// Template and Generation are set for an export of a template.
+	Template   string `json:"template,omitempty"`
+	Generation string `json:"generation,omitempty"`
 	Size       int64  `json:"size"`
 	Socket     string `json:"socket"`
 	ExportName string `json:"export_name"`
@@ -102,6 +114,9 @@ const (
 
 // WarmStatus is a base's last or current warm-up.
 type WarmStatus struct {
+	// Base is the base cache's id (for a template: the template's id with
+	// its generation's suffix), to poll GET /v1/bases/{id} with.
+	Base       string `json:"base,omitempty"`
 	State      string `json:"state"`
 	DoneBytes  int64  `json:"done_bytes"`
 	TotalBytes int64  `json:"total_bytes"`

@@ -129,10 +129,22 @@ func (req *CreateRequest) Validate() error {
 		return err
 	}
 	req.ConnectionInfo = ci
-	if req.Base != "" {
+	switch {
+	case req.Base != "":
 		if err := ValidBase(req.Base); err != nil {
 			return err
 		}
+		if len(req.Base) > MaxTemplateLen {
+			return BadRequest(CodeInvalid, "base %q is longer than %d bytes", req.Base, MaxTemplateLen)
+		}
+		if err := ValidGeneration(req.Generation); err != nil {
+			return err
+		}
+		if req.Mode == ModeWriteThrough {
+			return BadRequest(CodeInvalid, "base %q is a template (read-only content shared by its exports): mode write-through would change it under them; use cow, or leave base out to write a volume", req.Base)
+		}
+	case req.Generation != "":
+		return BadRequest(CodeInvalid, "generation is given without a base (it names a template's content version)")
 	}
 	if req.CowPath != "" {
 		if req.Mode != ModeCOW {
@@ -155,6 +167,22 @@ func ValidID(id string) error {
 	}
 	return nil
 }
+
+// ValidGeneration checks a template's content generation: required, and
+// bounded (it is recorded beside the cache).
+func ValidGeneration(g string) error {
+	switch {
+	case g == "":
+		return BadRequest(CodeMissingField, "missing field \"generation\": a template base must name its content version (for example the image checksum), so a cache never serves another version's bytes")
+	case len(g) > 256 || strings.ContainsFunc(g, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return BadRequest(CodeInvalid, "invalid generation (want 1-256 printable characters)")
+	}
+	return nil
+}
+
+// MaxTemplateLen bounds a template's name: its cache's id adds a
+// generation suffix.
+const MaxTemplateLen = 180
 
 // ValidBase checks a base id: it names a directory in the cache.
 func ValidBase(id string) error {

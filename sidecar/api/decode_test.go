@@ -10,7 +10,7 @@ import (
 func TestDecodeCreateOK(t *testing.T) {
 	for _, body := range []string{
 		`{"id":"vm-1","origin":"/var/lib/images/a.raw","mode":"cow"}`,
-		`{"id":"vm.2","origin":"/dev/sdb","mode":"readonly","base":"tmpl-7"}`,
+		`{"id":"vm.2","origin":"/dev/sdb","mode":"readonly","base":"tmpl-7","generation":"sha256:ab12"}`,
 		`{"id":"vol_3","origin":"iscsi://10.0.0.1:3260/iqn.2010-10.org.openstack:volume-3/1","mode":"write-through"}`,
 		`{"id":"v4","mode":"cow","cow_path":"/srv/cow/v4.img","connection_info":{"target_portal":"10.0.0.1:3260","target_iqn":"iqn.2010-10.org.openstack:volume-4","target_lun":1,"auth_method":"CHAP","auth_username":"u","auth_password":"secret"}}`,
 		`{"id":"v5","mode":"readonly","connection_info":{"driver_volume_type":"iscsi","data":{"target_portal":"10.0.0.1:3260","target_iqn":"iqn.2010-10.org.openstack:volume-5","target_lun":0}}}`,
@@ -55,6 +55,9 @@ func TestDecodeCreateErrors(t *testing.T) {
 		{`{"id":"a","origin":"iscsi://h/iqn.2010-01.Org_x:y/0","mode":"cow"}`, CodeBadOrigin, "naming authority"},
 		{`{"id":"a","connection_info":{"driver_volume_type":"rbd","data":{}},"mode":"cow"}`, CodeBadOrigin, "rbd"},
 		{`{"id":"a","origin":"/x","mode":"cow","base":"a b"}`, CodeInvalid, "invalid base"},
+		{`{"id":"a","origin":"/x","mode":"cow","base":"img"}`, CodeMissingField, "generation"},
+		{`{"id":"a","origin":"/x","mode":"cow","generation":"1"}`, CodeInvalid, "without a base"},
+		{`{"id":"a","origin":"/x","mode":"write-through","base":"img","generation":"1"}`, CodeInvalid, "template"},
 		{`{"id":"a","origin":"/x","mode":"readonly","cow_path":"/c"}`, CodeInvalid, "only for mode cow"},
 		{`{"id":"a","origin":"/x","mode":"cow","cow_path":"c.img"}`, CodeInvalid, "absolute"},
 		{`{"id":"a","origin":"/x","mode":"cow","cow_path":"/a/../c.img"}`, CodeInvalid, "clean"},

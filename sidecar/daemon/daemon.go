@@ -83,6 +83,7 @@ type Daemon struct {
 	ctx        context.Context
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup // warm-ups and the retry loop
+	ops        sync.WaitGroup // creates, deletes and refreshes under way
 	serveWG    sync.WaitGroup // NBD accept loops, which end when their export closes
 
 	// RetryInterval is how often exports that failed to come back after a
@@ -116,6 +117,9 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 		return nil, fmt.Errorf("state_dir %s is in use by another vmthunder daemon", cfg.StateDir)
 	}
 	mgr, err := cache.NewManager(cfg.CacheDir, cfg.CacheBudget)
+	if err == nil {
+		err = mgr.SetNewChunkSize(cfg.ChunkSize)
+	}
 	if err != nil {
 		lk.Close()
 		return nil, err
@@ -143,6 +147,7 @@ func (d *Daemon) Start() error {
 	if err != nil {
 		return err
 	}
+	d.reconcile(recs)
 	for _, r := range recs {
 		e := &export{rec: r, state: stateCreating, busy: true}
 		d.exports[r.ID] = e
@@ -196,6 +201,7 @@ func (d *Daemon) Close() error {
 	d.closed = true
 	d.mu.Unlock()
 	d.cancel()
+	d.ops.Wait() // a create still opening must not start serving after this
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if d.apiSrv != nil {
@@ -267,14 +273,26 @@ func (r Record) spec() origin.Spec {
 	return origin.Spec{URL: r.Origin, ConnectionInfo: r.ConnectionInfo}
 }
 
-// chunkFor is the chunk size to open a base with: the configured one for a
-// new cache, 0 (adopt) for an existing one, so changing chunk_size in the
-// config does not make existing caches unusable.
-func (d *Daemon) chunkFor(base string) int64 {
-	if _, err := os.Stat(filepath.Join(d.mgr.Dir(), base, "bitmap")); err == nil {
-		return 0
+// template is the template the export's base is, "" for a volume's own.
+func (r Record) template() string {
+	if r.Generation == "" {
+		return ""
 	}
-	return d.cfg.ChunkSize
+	return r.Base
+}
+
+// baseID is the export's base cache id.
+func (r Record) baseID() string {
+	if r.Generation == "" {
+		return r.Base
+	}
+	return stack.TemplateBaseID(r.Base, r.Generation)
+}
+
+// options are the stack options of the export.
+func (d *Daemon) options(r Record) stack.Options {
+	return stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
+		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath}
 }
 
 // open builds the export's stack and serves it on its socket.
@@ -289,12 +307,12 @@ func (d *Daemon) open(e *export) error {
 		}
 	}
 	dev, err := stack.Build(stack.Options{
-		Origin:    r.spec(),
-		Mode:      stack.Mode(r.Mode),
-		Manager:   d.mgr,
-		BaseID:    r.Base,
-		ChunkSize: d.chunkFor(r.Base),
-		CowPath:   r.CowPath,
+		Origin:     r.spec(),
+		Mode:       stack.Mode(r.Mode),
+		Manager:    d.mgr,
+		Template:   r.template(),
+		Generation: r.Generation,
+		CowPath:    r.CowPath,
 	})
 	if err != nil {
 		return err
@@ -341,16 +359,7 @@ func (d *Daemon) closeExport(e *export) error {
 	}
 	srv.Close() // closes ln (removing the socket file) and cuts the clients
 	ln.Close()
-	var errs []error
-	if e.rec.Mode != api.ModeReadOnly {
-		if err := dev.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("flush: %w", err))
-		}
-	}
-	if err := dev.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close: %w", err))
-	}
-	return errors.Join(errs...)
+	return dev.Shutdown()
 }
 
 // save writes the table; call with d.mu held.
@@ -364,37 +373,19 @@ func (d *Daemon) saveLocked() error {
 	return writeState(d.statePath(), recs)
 }
 
-// deriveBase names the cache of an export that gave no base: after its
-// path or URL, or after the target IQN and LUN of its connection_info
-// (every portal of a multipath target names the same LUN).
-func deriveBase(r Record) (string, error) {
-	if r.ConnectionInfo == nil {
-		return stack.DeriveBaseID(r.spec())
-	}
-	s, err := iscsi.ParseConnectionInfo(r.ConnectionInfo)
-	if err != nil {
-		return "", err
-	}
-	if len(s.Portals) == 0 {
-		return "", fmt.Errorf("%w: connection_info without a portal", origin.ErrBadSpec)
-	}
-	p := s.Portals[0]
-	return stack.DeriveBaseID(origin.Spec{URL: fmt.Sprintf("iscsi-lun:%s-%d", p.IQN, p.LUN)})
-}
-
 // Create makes an export and persists it.
 func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	r := Record{ID: req.ID, Origin: req.Origin, ConnectionInfo: req.ConnectionInfo,
-		Base: req.Base, Mode: req.Mode, CowPath: req.CowPath, Created: time.Now().UTC()}
-	if r.Base == "" {
-		b, err := deriveBase(r)
+		Base: req.Base, Generation: req.Generation, Mode: req.Mode, CowPath: req.CowPath, Created: time.Now().UTC()}
+	if r.Mode == api.ModeCOW && r.CowPath == "" {
+		r.CowPath = filepath.Join(d.cfg.StateDir, "cow", r.ID+".img")
+	}
+	if r.Generation == "" {
+		id, _, err := d.options(r).Base()
 		if err != nil {
 			return nil, classify(err)
 		}
-		r.Base = b
-	}
-	if r.Mode == api.ModeCOW && r.CowPath == "" {
-		r.CowPath = filepath.Join(d.cfg.StateDir, "cow", r.ID+".img")
+		r.Base = id
 	}
 	if sp := d.socketPath(r.ID); len(sp) > 107 {
 		return nil, api.BadRequest(api.CodeInvalid, "id %q is too long: socket path %s exceeds 107 bytes", r.ID, sp)
@@ -416,16 +407,42 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	}
 	e := &export{rec: r, state: stateCreating, busy: true}
 	d.exports[r.ID] = e
+	d.ops.Add(1)
 	d.mu.Unlock()
+	defer d.ops.Done()
 
-	log := d.log.WithFields(logrus.Fields{"export": r.ID, "mode": r.Mode, "base": r.Base,
+	log := d.log.WithFields(logrus.Fields{"export": r.ID, "mode": r.Mode, "base": r.baseID(),
 		"origin": api.DescribeOrigin(r.Origin, r.ConnectionInfo)})
-	if err := d.open(e); err != nil {
+	forget := func() {
 		d.mu.Lock()
 		delete(d.exports, r.ID)
 		d.mu.Unlock()
+	}
+	newStore := false
+	if r.CowPath != "" {
+		var err error
+		if newStore, err = d.markNewStore(r.ID, r.CowPath); err != nil {
+			forget()
+			return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "%v", err)
+		}
+	}
+	// A store this create made and no client was given goes with it.
+	dropStore := func() {
+		if newStore {
+			if err := stack.RemoveCOW(r.CowPath); err != nil {
+				log.WithError(err).Warn("removing the cow store of a failed create")
+			}
+			d.unmarkNewStore(r.ID)
+		}
+	}
+	if err := d.open(e); err != nil {
+		dropStore()
+		forget()
 		log.WithError(err).Warn("create export failed")
 		return nil, classify(err)
+	}
+	if ref := e.dev.Cache(); ref != nil && ref.Rebuilt() != "" {
+		log.WithField("why", ref.Rebuilt()).Info("base cache emptied before use")
 	}
 	d.mu.Lock()
 	e.state, e.busy = stateReady, false
@@ -436,8 +453,12 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	d.mu.Unlock()
 	if err != nil {
 		d.closeExport(e)
+		dropStore()
 		log.WithError(err).Error("create export: could not persist the table")
 		return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "persist export table: %v", err)
+	}
+	if newStore {
+		d.unmarkNewStore(r.ID)
 	}
 	log.WithField("socket", d.socketPath(r.ID)).Info("export created")
 	return d.view(e), nil
@@ -484,19 +505,24 @@ func (d *Daemon) acquire(id string) (*export, error) {
 		return nil, notFound(id)
 	case e.busy:
 		return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is busy (%s); try again", id, e.state)
+	case d.closed:
+		return nil, api.Errorf(http.StatusServiceUnavailable, api.CodeConflict, "daemon is shutting down")
 	}
 	e.busy = true
+	d.ops.Add(1)
 	return e, nil
 }
 
 // Delete stops and forgets an export. deleteCOW also removes its COW
 // store (an instance's disk is gone for good); without it the store is kept
-// and a new export with the same cow_path resumes it.
+// and a new export with the same cow_path resumes it. A volume's base
+// cache goes with its last export (see cache.Binding).
 func (d *Daemon) Delete(id string, deleteCOW bool) error {
 	e, err := d.acquire(id)
 	if err != nil {
 		return err
 	}
+	defer d.ops.Done()
 	if deleteCOW && e.rec.CowPath != "" {
 		// Only a store inside allowed_cow_dirs is removed (access.go); the
 		// export is kept so the caller sees the refusal.
@@ -512,19 +538,19 @@ func (d *Daemon) Delete(id string, deleteCOW bool) error {
 		log.WithError(err).Warn("closing export")
 	}
 	d.mset.Forget(id)
+	// The store goes while the export still holds its cow_path, so a
+	// create with that path cannot open it in between.
+	if deleteCOW && e.rec.CowPath != "" {
+		if err := stack.RemoveCOW(e.rec.CowPath); err != nil {
+			log.WithError(err).Warn("removing cow store")
+		}
+	}
 	d.mu.Lock()
 	delete(d.exports, id)
 	err = d.saveLocked()
 	d.mu.Unlock()
 	if err != nil {
 		return api.Errorf(http.StatusInternalServerError, api.CodeInternal, "export stopped but the table could not be saved: %v", err)
-	}
-	if deleteCOW && e.rec.CowPath != "" {
-		for _, p := range []string{e.rec.CowPath, e.rec.CowPath + ".bitmap"} {
-			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-				log.WithError(err).Warn("removing cow store")
-			}
-		}
 	}
 	log.WithField("delete_cow", deleteCOW).Info("export deleted")
 	return nil
@@ -544,15 +570,12 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 		d.mu.Lock()
 		e.busy = false
 		d.mu.Unlock()
+		d.ops.Done()
 	}()
-	spec := e.rec.spec()
-	spec.ReadOnly = true
-	o, err := stack.OpenOrigin(spec)
+	size, err := stack.ProbeSize(e.rec.spec())
 	if err != nil {
 		return nil, classify(err)
 	}
-	size := o.Size()
-	o.Close()
 	d.mu.Lock()
 	failed, cur := e.state == stateError, int64(-1)
 	if e.top != nil {
@@ -560,7 +583,7 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 	}
 	shared := 0
 	for _, x := range d.exports {
-		if x != e && x.rec.Base == e.rec.Base {
+		if x != e && x.rec.baseID() == e.rec.baseID() {
 			shared++
 		}
 	}
@@ -570,16 +593,17 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 	}
 	if !failed {
 		switch {
+		case e.rec.template() != "":
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is over template %s generation %s, whose size is %d: its origin now has %d bytes, so it no longer holds that generation (publish a new one)", id, e.rec.Base, e.rec.Generation, cur, size)
 		case e.rec.Mode == api.ModeCOW:
-			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is cow over base %s: its size cannot change from %d to %d", id, e.rec.Base, cur, size)
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is cow over base %s: its size cannot change from %d to %d", id, e.rec.baseID(), cur, size)
 		case shared > 0:
-			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "base %s changed size but %d other export(s) use it", e.rec.Base, shared)
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "base %s changed size but %d other export(s) use it", e.rec.baseID(), shared)
 		}
+		// Its last export closing drops the volume's cache, made for the
+		// old size.
 		if err := d.closeExport(e); err != nil {
 			d.log.WithError(err).WithField("export", id).Warn("closing export for refresh")
-		}
-		if err := d.mgr.Remove(e.rec.Base); err != nil {
-			d.log.WithError(err).WithField("base", e.rec.Base).Warn("dropping resized base cache")
 		}
 	}
 	err = d.open(e)
@@ -638,7 +662,7 @@ func (d *Daemon) view(e *export) *api.Export {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	sock := d.socketPath(e.rec.ID)
-	v := &api.Export{ID: e.rec.ID, Mode: e.rec.Mode, Base: e.rec.Base,
+	v := &api.Export{ID: e.rec.ID, Mode: e.rec.Mode, Base: e.rec.baseID(), Template: e.rec.template(), Generation: e.rec.Generation,
 		Socket: sock, ExportName: e.rec.ID, URI: "nbd+unix:///" + e.rec.ID + "?socket=" + sock,
 		Origin: api.DescribeOrigin(e.rec.Origin, e.rec.ConnectionInfo), CowPath: e.rec.CowPath, State: e.state}
 	if e.err != nil {
@@ -665,10 +689,18 @@ func classify(err error) error {
 		return ae
 	case errors.Is(err, origin.ErrBadSpec):
 		return api.BadRequest(api.CodeBadOrigin, "%v", err)
-	case errors.Is(err, cache.ErrMismatch), errors.Is(err, cache.ErrInUse), errors.Is(err, cow.ErrMismatch):
+	case errors.Is(err, cache.ErrConflict):
+		return api.Errorf(http.StatusConflict, api.CodeBaseConflict, "%v", err)
+	case errors.Is(err, cache.ErrMismatch), errors.Is(err, cache.ErrInUse), errors.Is(err, cow.ErrMismatch), errors.Is(err, cow.ErrInUse):
 		return api.Errorf(http.StatusConflict, api.CodeConflict, "%v", err)
 	case errors.Is(err, blockdev.ErrInvalid):
 		return api.BadRequest(api.CodeInvalid, "%v", err)
+	case errors.Is(err, iscsi.ErrAuth), errors.Is(err, iscsi.ErrDenied):
+		return api.Errorf(http.StatusBadGateway, api.CodeAuthFailed, "%v", err)
+	case errors.Is(err, iscsi.ErrUnreachable), errors.Is(err, iscsi.ErrTimeout):
+		return api.Errorf(http.StatusBadGateway, api.CodeUnreachable, "%v", err)
+	case errors.Is(err, iscsi.ErrTargetNotFound), errors.Is(err, iscsi.ErrNoLUN):
+		return api.Errorf(http.StatusBadGateway, api.CodeNoSuchTarget, "%v", err)
 	case errors.Is(err, os.ErrNotExist), errors.Is(err, os.ErrPermission), errors.Is(err, file.ErrNotADisk):
 		return api.BadRequest(api.CodeOriginError, "%v", err)
 	}

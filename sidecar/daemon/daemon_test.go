@@ -147,7 +147,7 @@ func TestRestartInProcess(t *testing.T) {
 	e := newEnv(t, nil)
 	img, data := e.image("base.raw", 2<<20)
 	c := ctx(t)
-	x, err := e.c.Create(c, api.CreateRequest{ID: "vm1", Origin: img, Mode: api.ModeCOW, Base: "tmpl"})
+	x, err := e.c.Create(c, api.CreateRequest{ID: "vm1", Origin: img, Mode: api.ModeCOW, Base: "tmpl", Generation: "1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +162,7 @@ func TestRestartInProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if y.URI != x.URI || y.CowPath != x.CowPath || y.Base != "tmpl" || y.State != "ready" {
+	if y.URI != x.URI || y.CowPath != x.CowPath || y.Base != x.Base || y.Template != "tmpl" || y.Generation != "1" || y.State != "ready" {
 		t.Fatalf("after restart %+v", y)
 	}
 	want := append([]byte(nil), data...)
@@ -223,17 +223,17 @@ func TestWarm(t *testing.T) {
 	e := newEnv(t, nil)
 	img, data := e.image("tmpl.raw", 3<<20)
 	c := ctx(t)
-	st, err := e.c.Warm(c, "tmpl", &api.WarmRequest{Origin: img})
+	st, err := e.c.Warm(c, "tmpl", &api.WarmRequest{Origin: img, Generation: "1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.TotalBytes != int64(len(data)) {
+	if st.TotalBytes != int64(len(data)) || st.Base == "" {
 		t.Errorf("warm status %+v", st)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	var b *api.Base
 	for {
-		b, err = e.c.Base(c, "tmpl")
+		b, err = e.c.Base(c, st.Base)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -249,7 +249,7 @@ func TestWarm(t *testing.T) {
 		t.Fatalf("after warm-up: %+v %+v", b, b.Warm)
 	}
 	// An export of the warmed base reads nothing from the origin.
-	x, err := e.c.Create(c, api.CreateRequest{ID: "vm", Origin: img, Base: "tmpl", Mode: api.ModeCOW})
+	x, err := e.c.Create(c, api.CreateRequest{ID: "vm", Origin: img, Base: "tmpl", Generation: "1", Mode: api.ModeCOW})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,11 +261,11 @@ func TestWarm(t *testing.T) {
 	}
 	// A base in use cannot be removed; an unused one can.
 	var ae *api.Error
-	if err := e.c.DeleteBase(c, "tmpl"); !errors.As(err, &ae) || ae.Status != http.StatusConflict {
+	if err := e.c.DeleteBase(c, st.Base); !errors.As(err, &ae) || ae.Status != http.StatusConflict {
 		t.Errorf("delete base in use: %v", err)
 	}
 	e.c.Delete(c, "vm", true)
-	if err := e.c.DeleteBase(c, "tmpl"); err != nil {
+	if err := e.c.DeleteBase(c, st.Base); err != nil {
 		t.Errorf("delete unused base: %v", err)
 	}
 }
@@ -312,7 +312,7 @@ func TestRefresh(t *testing.T) {
 func TestPasswordHidden(t *testing.T) {
 	e := newEnv(t, nil)
 	const secret = "s3cr3t-hunter2"
-	body := `{"id":"v","mode":"readonly","base":"b","connection_info":{"target_portal":"127.0.0.1:1","target_iqn":"iqn.2010-10.org.openstack:volume-1","target_lun":0,"auth_method":"CHAP","auth_username":"admin","auth_password":"` + secret + `"}}`
+	body := `{"id":"v","mode":"readonly","base":"b","generation":"1","connection_info":{"target_portal":"127.0.0.1:1","target_iqn":"iqn.2010-10.org.openstack:volume-1","target_lun":0,"auth_method":"CHAP","auth_username":"admin","auth_password":"` + secret + `"}}`
 	st, ans := e.raw("POST", "/v1/exports", body)
 	if st < 400 || strings.Contains(ans, secret) {
 		t.Errorf("create with unreachable portal: %d %s", st, ans)

@@ -19,6 +19,7 @@ type Record struct {
 	Origin         string         `json:"origin,omitempty"`
 	ConnectionInfo map[string]any `json:"connection_info,omitempty"`
 	Base           string         `json:"base"`
+	Generation     string         `json:"generation,omitempty"` // set: Base is a template
 	Mode           string         `json:"mode"`
 	CowPath        string         `json:"cow_path,omitempty"`
 	Created        time.Time      `json:"created"`
@@ -48,6 +49,21 @@ func loadState(path string) ([]Record, error) {
 	}
 	if s.Version != stateVersion {
 		return nil, fmt.Errorf("state %s has version %d, this daemon reads %d", path, s.Version, stateVersion)
+	}
+	seen := map[string]bool{}
+	cows := map[string]string{}
+	for _, r := range s.Exports {
+		if seen[r.ID] {
+			return nil, fmt.Errorf("state %s lists export %q twice: it was edited by hand or is damaged; keep one record of it and start again", path, r.ID)
+		}
+		seen[r.ID] = true
+		if r.CowPath == "" {
+			continue
+		}
+		if other, ok := cows[r.CowPath]; ok {
+			return nil, fmt.Errorf("state %s gives exports %q and %q one cow_path %s: keep one and start again", path, other, r.ID, r.CowPath)
+		}
+		cows[r.CowPath] = r.ID
 	}
 	return s.Exports, nil
 }

@@ -23,40 +23,55 @@ type warmJob struct {
 
 // Warm starts copying the whole base into the cache in the background. A
 // warm-up that is running is not started twice; its status is returned.
-// The origin comes from the request, or from an export of the base.
+// The base is an export's (its origin and binding are the export's), or,
+// with a generation in the request, a template warmed from the request's
+// origin before any export of it. A volume's cache lives only while it has
+// an export, so a volume is not warmed without one.
 func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error) {
 	if err := api.ValidBase(base); err != nil {
 		return nil, err
 	}
+	var opts stack.Options
+	found := false
 	d.mu.Lock()
-	if j := d.warms[base]; j != nil && j.status.State == api.WarmRunning {
+	for _, e := range d.exports {
+		if e.rec.baseID() == base || (req.Generation != "" && e.rec.template() == base && e.rec.Generation == req.Generation) {
+			opts, found = d.options(e.rec), true
+			break
+		}
+	}
+	d.mu.Unlock()
+	if !found {
+		if req.Generation == "" || (req.Origin == "" && req.ConnectionInfo == nil) {
+			return nil, api.BadRequest(api.CodeMissingField, "base %q has no export on this node: to warm a template before its first export, give \"generation\" and \"origin\" or \"connection_info\" (a volume's cache lives only while it has an export)", base)
+		}
+		if err := api.ValidGeneration(req.Generation); err != nil {
+			return nil, err
+		}
+		opts = stack.Options{Origin: origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo},
+			Mode: stack.ModeReadOnly, Manager: d.mgr, Template: base, Generation: req.Generation}
+	}
+	id, bind, err := opts.Base()
+	if err != nil {
+		return nil, classify(err)
+	}
+	d.mu.Lock()
+	if j := d.warms[id]; j != nil && j.status.State == api.WarmRunning {
 		st := j.status
 		d.mu.Unlock()
 		return &st, nil
 	}
-	spec := origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo}
-	if req.Origin == "" && req.ConnectionInfo == nil {
-		found := false
-		for _, e := range d.exports {
-			if e.rec.Base == base {
-				spec, found = e.rec.spec(), true
-				break
-			}
-		}
-		if !found {
-			d.mu.Unlock()
-			return nil, api.BadRequest(api.CodeMissingField, "base %q has no export on this node: give \"origin\" or \"connection_info\" to warm it from", base)
-		}
-	}
-	j := &warmJob{status: api.WarmStatus{State: api.WarmRunning, Started: time.Now().UTC().Format(time.RFC3339)}}
-	d.warms[base] = j // claims the base: a second request sees it running
+	j := &warmJob{status: api.WarmStatus{Base: id, State: api.WarmRunning, Started: time.Now().UTC().Format(time.RFC3339)}}
+	d.warms[id] = j // claims the base: a second request sees it running
 	d.mu.Unlock()
+	base = id
 
-	spec.ReadOnly = true
-	ref, err := d.mgr.OpenFunc(base, d.chunkFor(base), func() (blockdev.Device, error) { return stack.OpenOrigin(spec) })
+	spec := opts.Origin
+	spec.ReadOnly = !bind.Writable
+	ref, err := d.mgr.OpenFunc(id, bind, 0, func() (blockdev.Device, error) { return stack.OpenOrigin(spec) })
 	if err != nil {
 		d.mu.Lock()
-		delete(d.warms, base)
+		delete(d.warms, id)
 		d.mu.Unlock()
 		return nil, classify(err)
 	}
@@ -108,7 +123,7 @@ func (d *Daemon) openBases() map[string]*cache.Ref {
 	out := map[string]*cache.Ref{}
 	for _, e := range d.exports {
 		if e.dev != nil && e.dev.Cache() != nil {
-			out[e.rec.Base] = e.dev.Cache()
+			out[e.rec.baseID()] = e.dev.Cache()
 		}
 	}
 	for id, j := range d.warms {
@@ -129,7 +144,7 @@ func (d *Daemon) Bases() ([]api.Base, error) {
 	d.mu.Lock()
 	users := map[string]int{}
 	for _, e := range d.exports {
-		users[e.rec.Base]++
+		users[e.rec.baseID()]++
 	}
 	out := make([]api.Base, 0, len(infos))
 	seen := map[string]bool{}

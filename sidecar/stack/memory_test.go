@@ -31,7 +31,7 @@ func TestMemoryPerExport(t *testing.T) {
 	const n = 32
 	// One export first, so the shared base is not charged to the others.
 	open := func(i int) blockdev.Device {
-		d, err := Build(Options{Origin: origin.Spec{URL: src}, Manager: m, BaseID: "big", Mode: ModeCOW,
+		d, err := Build(Options{Origin: origin.Spec{URL: src}, Manager: m, Template: "big", Generation: "1", Mode: ModeCOW,
 			CowPath: filepath.Join(dir, fmt.Sprintf("vm%d.cow", i))})
 		if err != nil {
 			t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -18,7 +17,6 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
 	"github.com/vmthunder/vmthunder/sidecar/layer/writethrough"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
-	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
 )
 
 // Mode is the writable layer on top of the stack.
@@ -38,16 +36,19 @@ type Options struct {
 	Origin    origin.Spec
 	Mode      Mode   // empty: cow if CowPath is set, else readonly with a cache, else direct
 	CacheDir  string // base cache directory; empty: no cache layer (unless Manager is set)
-	ChunkSize int64  // cache chunk size; 0: the existing cache's, or the default
+	ChunkSize int64  // cache chunk size; 0: the existing cache's, or the manager's default
 	CowPath   string // copy-on-write store (Mode == ModeCOW)
 
 	// Manager shares base caches between exports (the daemon has one per
 	// node, with its size budget). Nil with CacheDir set: one manager per
 	// directory per process, without a budget.
 	Manager *cache.Manager
-	// BaseID names the base in the cache (a template volume or image id).
-	// Empty: derived from Origin.URL.
-	BaseID string
+	// Template and Generation name the read-only content the base holds
+	// (an image published as a template volume): every export of one
+	// generation on the node shares its cache, which outlives them. Empty:
+	// the base is the origin volume's own, kept only while it has exports
+	// (see cache.Binding).
+	Template, Generation string
 	// ClusterSize is the cow bitmap granularity; 0: default (4 KiB).
 	ClusterSize int64
 	// OpenOrigin opens the origin; nil: OpenOrigin. Tests put a memdev
@@ -64,9 +65,11 @@ var ErrNotBuilt = errors.New("layer not built yet")
 // reference closes the cache and the origin), or the origin.
 type Export struct {
 	blockdev.Device
-	base  *cache.Ref // nil without a cache
-	cow   *cow.Dev   // nil unless Mode is cow
-	below blockdev.Device
+	mode   Mode
+	baseID string     // "" without a cache
+	base   *cache.Ref // nil without a cache
+	cow    *cow.Dev   // nil unless Mode is cow
+	below  blockdev.Device
 }
 
 // Unwrap is the top layer: Export passes every call to it.
@@ -75,8 +78,14 @@ func (e *Export) Unwrap() blockdev.Device { return e.Device }
 // Cache is the export's base cache, nil without one.
 func (e *Export) Cache() *cache.Ref { return e.base }
 
+// BaseID is the base cache's id (its directory name), "" without a cache.
+func (e *Export) BaseID() string { return e.baseID }
+
 // COW is the export's copy-on-write layer, nil in other modes.
 func (e *Export) COW() *cow.Dev { return e.cow }
+
+// Mode is the export's writable layer.
+func (e *Export) Mode() Mode { return e.mode }
 
 func (e *Export) Close() error {
 	var err error
@@ -86,8 +95,24 @@ func (e *Export) Close() error {
 	return errors.Join(err, e.below.Close())
 }
 
-// Build opens the origin and stacks the layers Options asks for.
-func Build(o Options) (blockdev.Device, error) {
+// Shutdown flushes what the export acknowledged (all but readonly) and
+// closes it.
+func (e *Export) Shutdown() error {
+	var errs []error
+	if e.mode != ModeReadOnly {
+		if err := e.Device.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush: %w", err))
+		}
+	}
+	if err := e.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// ResolveMode is the mode Options asks for, with the defaults applied,
+// after checking it fits the other options.
+func (o Options) ResolveMode() (Mode, error) {
 	useCache := o.CacheDir != "" || o.Manager != nil
 	mode := o.Mode
 	if mode == "" {
@@ -104,18 +129,58 @@ func Build(o Options) (blockdev.Device, error) {
 	case ModeReadOnly, ModeWriteThrough:
 	case ModeCOW:
 		if o.CowPath == "" {
-			return nil, fmt.Errorf("%w: mode cow needs a store path (--cow FILE)", blockdev.ErrInvalid)
+			return "", fmt.Errorf("%w: mode cow needs a store path (--cow FILE)", blockdev.ErrInvalid)
 		}
 	case ModeDirect:
 		if useCache {
-			return nil, fmt.Errorf("%w: mode direct has no cache; use write-through to write a cached origin", blockdev.ErrInvalid)
+			return "", fmt.Errorf("%w: mode direct has no cache; use write-through to write a cached origin", blockdev.ErrInvalid)
 		}
 	default:
-		return nil, fmt.Errorf("%w: unknown mode %q (readonly, cow, write-through, direct)", blockdev.ErrInvalid, mode)
+		return "", fmt.Errorf("%w: unknown mode %q (readonly, cow, write-through, direct)", blockdev.ErrInvalid, mode)
 	}
 	if o.CowPath != "" && mode != ModeCOW {
-		return nil, fmt.Errorf("%w: a cow store is given but the mode is %s", blockdev.ErrInvalid, mode)
+		return "", fmt.Errorf("%w: a cow store is given but the mode is %s", blockdev.ErrInvalid, mode)
 	}
+	if o.Template == "" && o.Generation != "" {
+		return "", fmt.Errorf("%w: a generation is given without a template base", blockdev.ErrInvalid)
+	}
+	if o.Template != "" {
+		switch {
+		case !useCache:
+			return "", fmt.Errorf("%w: a template base needs a cache", blockdev.ErrInvalid)
+		case o.Generation == "":
+			return "", fmt.Errorf("%w: template base %q needs its content generation (the bytes a cache of it holds must be one version)", blockdev.ErrInvalid, o.Template)
+		case mode == ModeWriteThrough:
+			return "", fmt.Errorf("%w: template base %q is read-only content: write-through would change it under every export sharing it (use cow, or no base for a volume)", blockdev.ErrInvalid, o.Template)
+		}
+	}
+	return mode, nil
+}
+
+// Base is the base cache an export uses: its id and what it holds.
+func (o Options) Base() (string, cache.Binding, error) {
+	mode, err := o.ResolveMode()
+	if err != nil {
+		return "", cache.Binding{}, err
+	}
+	key, err := o.Origin.Key()
+	if err != nil {
+		return "", cache.Binding{}, err
+	}
+	if o.Template != "" {
+		b := cache.Binding{Template: o.Template, Generation: o.Generation, Origin: key}
+		return TemplateBaseID(o.Template, o.Generation), b, nil
+	}
+	return VolumeBaseID(key), cache.Binding{Origin: key, Writable: mode == ModeWriteThrough}, nil
+}
+
+// Build opens the origin and stacks the layers Options asks for.
+func Build(o Options) (blockdev.Device, error) {
+	mode, err := o.ResolveMode()
+	if err != nil {
+		return nil, err
+	}
+	useCache := o.CacheDir != "" || o.Manager != nil
 	spec := o.Origin
 	spec.ReadOnly = spec.ReadOnly || mode == ModeReadOnly || mode == ModeCOW
 	if mode == ModeWriteThrough && spec.ReadOnly {
@@ -126,49 +191,44 @@ func Build(o Options) (blockdev.Device, error) {
 	if openOrigin == nil {
 		openOrigin = OpenOrigin
 	}
-	var below blockdev.Device
-	var ref *cache.Ref
+	e := &Export{mode: mode}
 	if useCache {
 		m := o.Manager
 		if m == nil {
-			var err error
 			if m, err = dirManager(o.CacheDir); err != nil {
 				return nil, err
 			}
 		}
-		id := o.BaseID
-		if id == "" {
-			var err error
-			if id, err = DeriveBaseID(spec); err != nil {
-				return nil, err
-			}
-		}
-		r, err := m.OpenFunc(id, o.ChunkSize, func() (blockdev.Device, error) { return openOrigin(spec) })
+		id, bind, err := o.Base()
 		if err != nil {
 			return nil, err
 		}
-		ref, below = r, r
+		r, err := m.OpenFunc(id, bind, o.ChunkSize, func() (blockdev.Device, error) { return openOrigin(spec) })
+		if err != nil {
+			return nil, err
+		}
+		e.baseID, e.base, e.below = id, r, r
 	} else {
 		d, err := openOrigin(spec)
 		if err != nil {
 			return nil, err
 		}
-		below = d
+		e.below = d
 	}
 
-	e := &Export{Device: below, base: ref, below: below}
+	e.Device = e.below
 	switch {
 	case mode == ModeCOW:
-		c, err := cow.Open(o.CowPath, below, cow.Options{ClusterSize: o.ClusterSize})
+		c, err := cow.Open(o.CowPath, e.below, cow.Options{ClusterSize: o.ClusterSize})
 		if err != nil {
-			below.Close()
+			e.below.Close()
 			return nil, err
 		}
 		e.Device, e.cow = c, c
-	case mode == ModeWriteThrough && ref != nil:
-		w, err := writethrough.New(ref)
+	case mode == ModeWriteThrough && e.base != nil:
+		w, err := writethrough.New(e.base)
 		if err != nil {
-			below.Close()
+			e.below.Close()
 			return nil, err
 		}
 		e.Device = w
@@ -201,41 +261,40 @@ func dirManager(dir string) (*cache.Manager, error) {
 	return m, err
 }
 
-// DeriveBaseID names a base after its origin when no id is given: a
-// readable prefix and a hash of the URL without credentials, so two paths
-// with one file name do not share a cache.
-func DeriveBaseID(spec origin.Spec) (string, error) {
-	if spec.URL == "" {
-		return "", fmt.Errorf("%w: a cache over connection_info needs a base id", blockdev.ErrInvalid)
-	}
-	key := spec.URL
-	if is, err := iscsi.ParseURL(spec.URL); err == nil && len(is.Portals) > 0 {
-		// The target and LUN name the volume; the portal and the
-		// credentials do not (and the password must not reach a file name).
-		key = fmt.Sprintf("iscsi/%s/%d", is.Portals[0].IQN, is.Portals[0].LUN)
-	} else if rest, ok := strings.CutPrefix(spec.URL, "iscsi://"); ok {
-		// Unparsable, but it may still hold user%password@ (which
-		// url.Parse often refuses): drop it as ParseURL would, up to the
-		// last '@', before the URL is hashed or named after.
-		if at := strings.LastIndex(rest, "@"); at >= 0 {
-			rest = rest[at+1:]
-		}
-		key = "iscsi://" + rest
-	} else if u, err := url.Parse(spec.URL); err == nil && u.Scheme != "" {
-		u.User = nil
-		key = u.String()
-	} else if abs, err := filepath.Abs(spec.URL); err == nil {
-		key = abs
-	}
+// TemplateBaseID names the base of one template generation: the template
+// id, and a hash of the generation (any string), so each generation has
+// its own cache and an older one is never served for a newer.
+func TemplateBaseID(template, generation string) string {
+	sum := sha256.Sum256([]byte(generation))
+	return template + ".g" + hex.EncodeToString(sum[:6])
+}
+
+// VolumeBaseID names a volume's base after its origin key (see
+// origin.Spec.Key): one id for one volume however it is named (URL or
+// connection_info, any portal), readable, and without credentials.
+func VolumeBaseID(key string) string {
 	sum := sha256.Sum256([]byte(key))
-	name := strings.Map(func(r rune) rune {
+	name := key
+	if i := strings.LastIndexAny(name, "/:"); i >= 0 && strings.HasPrefix(key, "path:") {
+		name = name[i+1:]
+	} else if rest, ok := strings.CutPrefix(key, "iscsi:"); ok {
+		// iqn....:volume-<uuid>:<lun>: the IQN's last part and the LUN.
+		if i := strings.LastIndex(rest, ":"); i > 0 {
+			iqn, lun := rest[:i], rest[i+1:]
+			if j := strings.LastIndexAny(iqn, ":."); j >= 0 {
+				iqn = iqn[j+1:]
+			}
+			name = iqn + "-" + lun
+		}
+	}
+	name = strings.Map(func(r rune) rune {
 		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
 			return r
 		}
 		return '_'
-	}, filepath.Base(key))
+	}, name)
 	if len(name) > 64 {
-		name = name[:64]
+		name = name[len(name)-64:]
 	}
-	return strings.TrimLeft(name, ".") + "-" + hex.EncodeToString(sum[:8]), nil
+	return "vol-" + strings.TrimLeft(name, ".") + "-" + hex.EncodeToString(sum[:8])
 }

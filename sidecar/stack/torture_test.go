@@ -71,12 +71,16 @@ func torture(t *testing.T, tc tortureCase, dur time.Duration) {
 	pristine := bytes.Clone(orig)
 	model := memdev.FromBytes(bytes.Clone(orig), false)
 	var closed atomic.Int32
-	opts := Options{Origin: origin.Spec{URL: "mem"}, Mode: tc.mode, ChunkSize: chunk, BaseID: "base",
+	opts := Options{Origin: origin.Spec{URL: "mem"}, Mode: tc.mode, ChunkSize: chunk,
 		OpenOrigin: func(s origin.Spec) (blockdev.Device, error) {
 			return originCounter{memdev.FromBytes(orig, s.ReadOnly), &closed}, nil
 		}}
 	if tc.cache {
 		opts.CacheDir = filepath.Join(dir, "cache")
+		if tc.mode != ModeWriteThrough {
+			// Content that never changes: a template, whose cache is kept.
+			opts.Template, opts.Generation = "base", "1"
+		}
 	}
 	if tc.mode == ModeCOW {
 		opts.CowPath = filepath.Join(dir, "vm.cow")
@@ -156,14 +160,18 @@ func torture(t *testing.T, tc tortureCase, dur time.Duration) {
 	if closed.Load() != 1 {
 		t.Fatalf("origin closed %d times, want 1", closed.Load())
 	}
-	// Reopen: the cache and the cow store resume and still match.
+	// Reopen: a template's cache and the cow store resume and still
+	// match; a volume's cache (write-through) starts empty.
 	dev, err = Build(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer dev.Close()
-	if c := dev.(*Export).Cache(); c != nil && c.Stats().ChunksPresent == 0 {
-		t.Fatal("the cache came back empty after a clean close")
+	if c := dev.(*Export).Cache(); c != nil {
+		kept := c.Stats().ChunksPresent > 0
+		if want := opts.Template != ""; kept != want {
+			t.Fatalf("cache kept across close: %v, want %v", kept, want)
+		}
 	}
 	if err := checkAll(dev, model, rng); err != nil {
 		t.Fatalf("after reopen: %v", err)
@@ -286,7 +294,7 @@ func TestSharedBase(t *testing.T) {
 		data[i] = byte(i * 7)
 	}
 	var opened, closed atomic.Int32
-	opts := Options{Origin: origin.Spec{URL: "mem"}, Manager: m, BaseID: "tmpl", Mode: ModeCOW,
+	opts := Options{Origin: origin.Spec{URL: "mem"}, Manager: m, Template: "tmpl", Generation: "1", Mode: ModeCOW,
 		OpenOrigin: func(s origin.Spec) (blockdev.Device, error) {
 			opened.Add(1)
 			return originCounter{memdev.FromBytes(data, s.ReadOnly), &closed}, nil
@@ -346,7 +354,10 @@ func TestBuildErrors(t *testing.T) {
 		{Options{Mode: ModeDirect, CacheDir: dir}, "direct has no cache"},
 		{Options{Mode: "bogus"}, "unknown mode"},
 		{Options{Mode: ModeReadOnly, CowPath: "x"}, "cow store is given"},
-		{Options{Mode: ModeReadOnly, CacheDir: dir, BaseID: "../x"}, "base id"},
+		{Options{Mode: ModeReadOnly, CacheDir: dir, Template: "../x", Generation: "1"}, "base id"},
+		{Options{Mode: ModeWriteThrough, CacheDir: dir, Template: "t", Generation: "1"}, "read-only content"},
+		{Options{Mode: ModeReadOnly, CacheDir: dir, Template: "t"}, "needs its content generation"},
+		{Options{Mode: ModeReadOnly, CacheDir: dir, Generation: "1"}, "without a template"},
 		{Options{Mode: ModeReadOnly, CacheDir: dir, ChunkSize: 1000}, "chunk size"},
 	} {
 		c.o.Origin.URL = "/x/y"
@@ -363,28 +374,11 @@ func TestBuildErrors(t *testing.T) {
 	}
 }
 
-func TestDeriveBaseID(t *testing.T) {
-	a, _ := DeriveBaseID(origin.Spec{URL: "/srv/a/disk.img"})
-	b, _ := DeriveBaseID(origin.Spec{URL: "/srv/b/disk.img"})
-	c, _ := DeriveBaseID(origin.Spec{URL: "iscsi://u%25p@h/iqn/0"})
-	for _, id := range []string{a, b, c} {
-		if err := cache.ValidID(id); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if a == b {
-		t.Fatal("two files with one name share a base id")
-	}
-	if bytes.Contains([]byte(c), []byte("u%")) {
-		t.Fatalf("credentials in base id %q", c)
-	}
-}
-
 // Two exports of one base by CacheDir alone share the cache in-process.
 func TestCacheDirShared(t *testing.T) {
 	dir := t.TempDir()
 	data := make([]byte, 1<<20)
-	o := Options{Origin: origin.Spec{URL: "mem"}, CacheDir: dir, BaseID: "b",
+	o := Options{Origin: origin.Spec{URL: "mem"}, CacheDir: dir, Template: "b", Generation: "1",
 		OpenOrigin: func(s origin.Spec) (blockdev.Device, error) { return memdev.FromBytes(data, s.ReadOnly), nil }}
 	a, err := Build(o)
 	if err != nil {

@@ -150,7 +150,7 @@ func TestKillDuringCacheFill(t *testing.T) {
 	cache := filepath.Join(dir, "cache")
 	rounds := 20
 	for i := 0; i < rounds; i++ {
-		s := serve(t, "--cache", cache, "--chunk-size", "65536", src)
+		s := serve(t, "--cache", cache, "--base", "tmpl", "--generation", "1", "--chunk-size", "65536", src)
 		copier := exec.Command("nbdcopy", "--requests=16", s.uri(), "null:")
 		copier.Start()
 		time.Sleep(time.Duration(rand.IntN(100)) * time.Millisecond)
@@ -160,7 +160,7 @@ func TestKillDuringCacheFill(t *testing.T) {
 		n := checkCacheOnDisk(t, cache, want)
 		t.Logf("round %d: %d chunks present after the kill", i, n)
 		// Restart, and the whole base must come back byte for byte.
-		s = serve(t, "--cache", cache, "--chunk-size", "65536", src)
+		s = serve(t, "--cache", cache, "--base", "tmpl", "--generation", "1", "--chunk-size", "65536", src)
 		out := filepath.Join(dir, "round.img")
 		os.Remove(out)
 		run(t, "nbdcopy", s.uri(), out)
@@ -172,7 +172,7 @@ func TestKillDuringCacheFill(t *testing.T) {
 			os.RemoveAll(cache)
 		}
 	}
-	s := serve(t, "--cache", cache, "--chunk-size", "65536", src)
+	s := serve(t, "--cache", cache, "--base", "tmpl", "--generation", "1", "--chunk-size", "65536", src)
 	defer s.kill()
 	out := filepath.Join(dir, "out.img")
 	run(t, "nbdcopy", s.uri(), out)
@@ -192,7 +192,7 @@ func TestKillDuringCacheFill(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Truncate(src, int64(len(want)))
-	s2 := serve(t, "--cache", cache, "--chunk-size", "65536", src)
+	s2 := serve(t, "--cache", cache, "--base", "tmpl", "--generation", "1", "--chunk-size", "65536", src)
 	defer s2.kill()
 	os.Remove(out)
 	run(t, "nbdcopy", s2.uri(), out)

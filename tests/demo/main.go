@@ -200,10 +200,17 @@ func run(n int, out, chunk string, keep bool, timeout time.Duration) error {
 	}
 	defer d.Close()
 	before := origin.Meter.Sent()
+	// The template's generation is its image's version: a regenerated
+	// image never reuses the cache of an older one.
+	st, err := os.Stat(img.Root)
+	if err != nil {
+		return err
+	}
+	generation := fmt.Sprintf("%d-%d", st.Size(), st.ModTime().UnixNano())
 	exports := make([]*e2e.Export, n)
 	for i := range vms {
 		id := fmt.Sprintf("demo-vm%d", i)
-		ex, err := d.CreateExport(id, origin.URL(), "demo-template", "cow")
+		ex, err := d.CreateExport(id, origin.URL(), "demo-template", generation, "cow")
 		if err != nil {
 			return fmt.Errorf("create export %s: %w", id, err)
 		}

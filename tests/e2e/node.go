@@ -54,7 +54,8 @@ func (n *daemonNode) Export(id, mode string) (*Export, error) {
 		// A persistent volume is its own base.
 		base = ""
 	}
-	return n.d.CreateExport(id, n.origin, base, mode)
+	// The origin does not change during a test: one generation.
+	return n.d.CreateExport(id, n.origin, base, "1", mode)
 }
 
 func (n *daemonNode) Stats(id string) (ExportStats, bool, error) {

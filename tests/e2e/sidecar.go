@@ -181,11 +181,12 @@ func (d *Daemon) call(method, path string, in, out any) error {
 }
 
 // CreateExport asks for an export: mode "cow", "write-through" or
-// "readonly"; base names the shared cache ("" for none given).
-func (d *Daemon) CreateExport(id, origin, base, mode string) (*Export, error) {
+// "readonly"; base and generation name a template ("" for the origin
+// volume's own base).
+func (d *Daemon) CreateExport(id, origin, base, generation, mode string) (*Export, error) {
 	req := map[string]any{"id": id, "origin": origin, "mode": mode}
 	if base != "" {
-		req["base"] = base
+		req["base"], req["generation"] = base, generation
 	}
 	var e Export
 	if err := d.call("POST", "/v1/exports", req, &e); err != nil {

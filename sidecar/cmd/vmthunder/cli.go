@@ -56,7 +56,8 @@ func runAttach(args []string) error {
 	id := fs.String("id", "", "export id (required): the NBD export name and socket name")
 	orig := fs.String("origin", "", "origin: a path or iscsi://[user[%password]@]host[:port]/iqn/lun")
 	ci := fs.String("connection-info", "", "origin as Cinder connection_info JSON (instead of --origin)")
-	base := fs.String("base", "", "base id: exports with the same base share a cache (default: from the origin)")
+	base := fs.String("base", "", "template: exports of one template generation share a cache that outlives them (default: the origin volume's own base)")
+	generation := fs.String("generation", "", "the template's content version (required with --base), e.g. the image checksum")
 	mode := fs.String("mode", api.ModeCOW, "cow, write-through or readonly")
 	cow := fs.String("cow", "", "copy-on-write store (mode cow; default STATE_DIR/cow/ID.img)")
 	asJSON := fs.Bool("json", false, "print the export as JSON")
@@ -76,7 +77,7 @@ func runAttach(args []string) error {
 			return err
 		}
 	}
-	req := api.CreateRequest{ID: *id, Origin: o, Base: *base, Mode: *mode, CowPath: cowPath}
+	req := api.CreateRequest{ID: *id, Origin: o, Base: *base, Generation: *generation, Mode: *mode, CowPath: cowPath}
 	if *ci != "" {
 		if err := json.Unmarshal([]byte(*ci), &req.ConnectionInfo); err != nil {
 			return fmt.Errorf("--connection-info: %w", err)
@@ -147,14 +148,15 @@ func runList(args []string) error {
 
 func runWarm(args []string) error {
 	fs := flag.NewFlagSet("warm", flag.ContinueOnError)
-	orig := fs.String("origin", "", "origin to fill from when no export of BASE is attached")
+	orig := fs.String("origin", "", "origin to fill a template from when no export of it is attached")
+	generation := fs.String("generation", "", "with --origin: BASE is a template and this its generation")
 	noWait := fs.Bool("no-wait", false, "start the warm-up and return")
 	quiet := fs.Bool("q", false, "no progress bar")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
-		return errors.New("usage: vmthunder warm [--origin URL|PATH] [--no-wait] BASE")
+		return errors.New("usage: vmthunder warm [--origin URL|PATH --generation G] [--no-wait] BASE")
 	}
 	base := fs.Arg(0)
 	o, err := absOrigin(*orig)
@@ -162,8 +164,8 @@ func runWarm(args []string) error {
 		return err
 	}
 	var req *api.WarmRequest
-	if o != "" {
-		req = &api.WarmRequest{Origin: o}
+	if o != "" || *generation != "" {
+		req = &api.WarmRequest{Origin: o, Generation: *generation}
 	}
 	c := newClient()
 	ctx, cancel := cliCtx()
@@ -171,6 +173,9 @@ func runWarm(args []string) error {
 	cancel()
 	if err != nil {
 		return err
+	}
+	if st.Base != "" {
+		base = st.Base
 	}
 	if *noWait {
 		fmt.Printf("warm-up of %s %s: %d of %d bytes\n", base, st.State, st.DoneBytes, st.TotalBytes)

@@ -33,6 +33,8 @@ func runExport(args []string) error {
 	name := fs.String("name", "", "export name (default \"\")")
 	readOnly := fs.Bool("readonly", false, "refuse writes")
 	cacheDir := fs.String("cache", "", "copy-on-read base cache directory")
+	template := fs.String("base", "", "with --cache: SOURCE is this template's read-only content, whose cache is kept for the next export (default: SOURCE is a volume, whose cache is dropped at exit)")
+	generation := fs.String("generation", "", "the template's content version (required with --base)")
 	chunk := fs.String("chunk-size", "", "cache chunk size (e.g. 256K; default: the cache's or 256K)")
 	cowPath := fs.String("cow", "", "copy-on-write store: writes land here, never on SOURCE")
 	writeThrough := fs.Bool("write-through", false, "writes go to SOURCE before they are acknowledged")
@@ -86,6 +88,9 @@ func runExport(args []string) error {
 		// --write-through a cached export is read-only.
 		mode = stack.ModeReadOnly
 	}
+	if (*template != "" || *generation != "") && *cacheDir == "" {
+		return errors.New("--base names a cached template: give --cache too")
+	}
 	if *chunk != "" && *cacheDir == "" {
 		return errors.New("--chunk-size sizes the cache's chunks: give --cache too")
 	}
@@ -103,11 +108,13 @@ func runExport(args []string) error {
 	}
 
 	dev, err := stack.Build(stack.Options{
-		Origin:    origin.Spec{URL: fs.Arg(0)},
-		Mode:      mode,
-		CacheDir:  *cacheDir,
-		ChunkSize: chunkSize,
-		CowPath:   *cowPath,
+		Origin:     origin.Spec{URL: fs.Arg(0)},
+		Mode:       mode,
+		CacheDir:   *cacheDir,
+		ChunkSize:  chunkSize,
+		CowPath:    *cowPath,
+		Template:   *template,
+		Generation: *generation,
 	})
 	if err != nil {
 		return err

@@ -62,17 +62,22 @@ type Base struct {
 	committer sync.WaitGroup
 	degraded  atomic.Bool
 	onFill    func(bytes int64) // manager's budget accounting
+	rebuilt   string            // why an earlier cache here was emptied on open, if it was
 
 	hits, misses, fills, fromCache, fromSource, wt, inval atomic.Uint64
 }
 
-// openBase opens or creates the cache in dir for source. chunk 0 adopts the
-// existing chunk size (or the default for a new cache).
-func openBase(dir string, source blockdev.Device, chunk int64) (*Base, error) {
+// openBase opens or creates the cache in dir for source, bound to bind.
+// chunk 0 adopts the existing chunk size (or the default for a new cache).
+// newChunk is the chunk size of a new cache when chunk is 0 (0: the default).
+func openBase(dir string, source blockdev.Device, chunk int64, bind Binding, newChunk int64) (*Base, error) {
 	if chunk < 0 || (chunk != 0 && !validChunk(chunk)) {
 		return nil, fmt.Errorf("%w: chunk size %d must be a power of two between 4 KiB and 64 MiB", blockdev.ErrInvalid, chunk)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cache directory: %w", err)
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
 		return nil, fmt.Errorf("cache directory: %w", err)
 	}
 	lk, err := os.Open(dir)
@@ -83,26 +88,69 @@ func openBase(dir string, source blockdev.Device, chunk int64) (*Base, error) {
 		lk.Close()
 		return nil, fmt.Errorf("cache %s is in use by another process: %w", dir, err)
 	}
-	b, err := openLocked(dir, source, chunk)
+	rebuilt, err := checkIdentity(dir, bind)
 	if err != nil {
 		lk.Close()
 		return nil, err
 	}
-	b.lockDir = lk
+	b, err := openLocked(dir, source, chunk, newChunk)
+	if err != nil {
+		lk.Close()
+		return nil, err
+	}
+	b.lockDir, b.rebuilt = lk, rebuilt
 	return b, nil
+}
+
+// checkIdentity empties the cache in dir unless it provably holds bind's
+// content, and records bind. It says why it emptied a cache that had
+// content ("" when it kept it or there was none).
+func checkIdentity(dir string, bind Binding) (string, error) {
+	have, err := readIdentity(dir)
+	_, bmErr := os.Stat(filepath.Join(dir, "bitmap"))
+	filled := bmErr == nil
+	why := ""
+	switch {
+	case !bind.IsTemplate():
+		// A volume may have changed since any earlier export of ours.
+		why = "a volume's cache is not kept across attachments"
+	case errors.Is(err, os.ErrNotExist):
+		why = "it records no identity"
+	case err != nil:
+		why = err.Error()
+	case !sameContent(have, bind):
+		why = "it held " + have.String()
+	default:
+		return "", nil
+	}
+	for _, f := range []string{identityFile, "bitmap", "data"} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("reset cache %s: %w", dir, err)
+		}
+	}
+	if err := writeIdentity(dir, bind); err != nil {
+		return "", err
+	}
+	if !filled {
+		return "", nil
+	}
+	return why, nil
 }
 
 // validChunk is the rule for chunk sizes, asked for or read from a header:
 // a damaged header must not size buffers (one chunk per fill).
 func validChunk(c int64) bool { return c >= 4096 && c <= 64<<20 && c&(c-1) == 0 }
 
-func openLocked(dir string, source blockdev.Device, chunk int64) (*Base, error) {
+func openLocked(dir string, source blockdev.Device, chunk, newChunk int64) (*Base, error) {
 	size := source.Size()
 	dataPath, bmPath := filepath.Join(dir, "data"), filepath.Join(dir, "bitmap")
 	h, err := pbitmap.ReadHeader(bmPath)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		// New cache, or one whose creation crashed: start from nothing.
+		if chunk == 0 {
+			chunk = newChunk
+		}
 		if chunk == 0 {
 			chunk = DefaultChunkSize
 		}
@@ -121,13 +169,17 @@ func openLocked(dir string, source blockdev.Device, chunk int64) (*Base, error) 
 		return nil, fmt.Errorf("%w: %s: damaged header (%w): chunk size %d is not a power of two between 4 KiB and 64 MiB (remove the directory to rebuild it)",
 			ErrMismatch, bmPath, pbitmap.ErrFormat, h.UnitSize)
 	case h.Size != size:
-		return nil, fmt.Errorf("%w: cache %s was made for a base of %d bytes, the source has %d (remove it to rebuild)", ErrMismatch, dir, h.Size, size)
+		return nil, fmt.Errorf("%w: cache %s holds a base of %d bytes, but its origin now has %d: the origin no longer holds that content (publish a new generation)", ErrMismatch, dir, h.Size, size)
 	case chunk != 0 && h.UnitSize != chunk:
 		return nil, fmt.Errorf("%w: cache %s has chunk size %d, asked for %d (use the same chunk size or remove it)", ErrMismatch, dir, h.UnitSize, chunk)
 	}
 	f, err := os.OpenFile(dataPath, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("cache data: %w", err)
+	}
+	if err := syncDir(dir); err != nil { // the new bitmap and data files
+		f.Close()
+		return nil, fmt.Errorf("cache directory %s: %w", dir, err)
 	}
 	st, err := f.Stat()
 	if err != nil {
@@ -463,12 +515,18 @@ func (b *Base) Stats() Stats {
 }
 
 // close syncs and closes the files and the source (the base owns it).
-func (b *Base) close() error {
+func (b *Base) close(drop bool) error {
 	err := b.bits.Sync()
 	close(b.stop)
 	b.committer.Wait()
 	b.bits.Touch()
 	errs := []error{err, b.bits.Close(), b.data.Close(), b.source.Close()}
+	if drop {
+		// Still under the directory's lock: no other process sees it half gone.
+		if rerr := os.RemoveAll(b.dir); rerr != nil {
+			errs = append(errs, fmt.Errorf("drop cache %s: %w", b.dir, rerr))
+		}
+	}
 	if b.lockDir != nil {
 		errs = append(errs, b.lockDir.Close())
 	}

@@ -72,7 +72,7 @@ func TestSingleFetchPerChunk(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
 	s := newSrc(1<<20, 1)
 	s.delay.Store(int64(50 * time.Millisecond))
-	r, err := m.Open("b", s, 64<<10)
+	r, err := m.Open("b", testBind, s, 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestReuseAfterRestartAndWarmWithoutOrigin(t *testing.T) {
 	size := 3<<20 + 777
 	s := newSrc(size, 2)
 	m := mustManager(t, dir, 0)
-	r, err := m.Open("tmpl", s, 0)
+	r, err := m.Open("tmpl", testBind, s, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestReuseAfterRestartAndWarmWithoutOrigin(t *testing.T) {
 	dead := newSrc(size, 2)
 	dead.broken.Store(true)
 	m = mustManager(t, dir, 0)
-	r, err = m.Open("tmpl", dead, 0)
+	r, err = m.Open("tmpl", testBind, dead, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,7 +160,7 @@ func TestMissWithOriginDownIsAnError(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
 	s := newSrc(1<<20, 3)
 	s.broken.Store(true)
-	r, _ := m.Open("b", s, 0)
+	r, _ := m.Open("b", testBind, s, 0)
 	defer r.Close()
 	if _, err := r.ReadAt(make([]byte, 10), 0); !errors.Is(err, errOriginDown) || !strings.Contains(err.Error(), "fill chunk 0") {
 		t.Fatalf("miss with the origin down: %v", err)
@@ -174,11 +174,11 @@ func TestMissWithOriginDownIsAnError(t *testing.T) {
 func TestMismatch(t *testing.T) {
 	dir := t.TempDir()
 	m := mustManager(t, dir, 0)
-	r, err := m.Open("b", newSrc(1<<20, 0), 64<<10)
+	r, err := m.Open("b", testBind, newSrc(1<<20, 0), 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Open("b", newSrc(1<<20, 0), 128<<10); !errors.Is(err, ErrMismatch) {
+	if _, err := m.Open("b", testBind, newSrc(1<<20, 0), 128<<10); !errors.Is(err, ErrMismatch) {
 		t.Fatalf("open base with another chunk size: %v", err)
 	}
 	r.Close()
@@ -187,27 +187,27 @@ func TestMismatch(t *testing.T) {
 		chunk int64
 		want  string
 	}{
-		{2 << 20, 0, "made for a base of 1048576 bytes, the source has 2097152"},
+		{2 << 20, 0, "holds a base of 1048576 bytes, but its origin now has 2097152"},
 		{1 << 20, 4096, "has chunk size 65536, asked for 4096"},
 	} {
-		_, err := m.Open("b", newSrc(c.size, 0), c.chunk)
+		_, err := m.Open("b", testBind, newSrc(c.size, 0), c.chunk)
 		if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), c.want) {
 			t.Fatalf("error %v, want %q", err, c.want)
 		}
 	}
-	r, err = m.Open("b", newSrc(1<<20, 0), 0) // 0 adopts
+	r, err = m.Open("b", testBind, newSrc(1<<20, 0), 0) // 0 adopts
 	if err != nil || r.ChunkSize() != 64<<10 {
 		t.Fatalf("chunk 0 did not adopt: %v", err)
 	}
 	r.Close()
 	os.Truncate(filepath.Join(dir, "b", "bitmap"), 4100)
-	if _, err := m.Open("b", newSrc(1<<20, 0), 0); err == nil || !strings.Contains(err.Error(), "remove the directory") {
+	if _, err := m.Open("b", testBind, newSrc(1<<20, 0), 0); err == nil || !strings.Contains(err.Error(), "remove the directory") {
 		t.Fatalf("corrupt bitmap: %v", err)
 	}
 	if err := m.Remove("b"); err != nil {
 		t.Fatal(err)
 	}
-	if r, err = m.Open("b", newSrc(1<<20, 0), 0); err != nil {
+	if r, err = m.Open("b", testBind, newSrc(1<<20, 0), 0); err != nil {
 		t.Fatalf("rebuild after remove: %v", err)
 	}
 	r.Close()
@@ -215,13 +215,13 @@ func TestMismatch(t *testing.T) {
 
 func TestOneProcessPerCache(t *testing.T) {
 	dir := t.TempDir()
-	r, err := mustManager(t, dir, 0).Open("b", newSrc(1<<20, 0), 0)
+	r, err := mustManager(t, dir, 0).Open("b", testBind, newSrc(1<<20, 0), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
 	// A second manager stands for another process (flock is per open file).
-	_, err = mustManager(t, dir, 0).Open("b", newSrc(1<<20, 0), 0)
+	_, err = mustManager(t, dir, 0).Open("b", testBind, newSrc(1<<20, 0), 0)
 	if err == nil || !strings.Contains(err.Error(), "in use by another process") {
 		t.Fatalf("second user of one cache dir: %v", err)
 	}
@@ -232,7 +232,7 @@ func TestEvictionLRUNeverInUse(t *testing.T) {
 	const mb = 1 << 20
 	m := mustManager(t, dir, 2*mb+mb/2)
 	warm := func(id string) *Ref {
-		r, err := m.Open(id, newSrc(mb, 0), 0)
+		r, err := m.Open(id, testBind, newSrc(mb, 0), 0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -280,7 +280,7 @@ func TestEvictionLRUNeverInUse(t *testing.T) {
 func TestPrefetchAndReadOnly(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
 	s := newSrc(1<<20, 5)
-	r, _ := m.Open("b", s, 64<<10)
+	r, _ := m.Open("b", testBind, s, 64<<10)
 	defer r.Close()
 	if err := r.Prefetch(100_000, 200_000); err != nil {
 		t.Fatal(err)
@@ -302,7 +302,7 @@ func TestWriteThroughNoStaleFill(t *testing.T) {
 	dir := t.TempDir()
 	m := mustManager(t, dir, 0)
 	s := newSrc(1<<20, 6)
-	r, _ := m.Open("vol", s, 64<<10)
+	r, _ := m.Open("vol", testBind, s, 64<<10)
 	for round := 0; round < 20; round++ {
 		off := int64(round) * 40000
 		s.delay.Store(int64(20 * time.Millisecond))
@@ -338,7 +338,7 @@ func TestWriteThroughNoStaleFill(t *testing.T) {
 		t.Fatal("cache and source differ after write-through")
 	}
 	r.Close()
-	r, _ = mustManager(t, dir, 0).Open("vol", s, 0)
+	r, _ = mustManager(t, dir, 0).Open("vol", testBind, s, 0)
 	defer r.Close()
 	if got := readAll(t, r); !bytes.Equal(got, want) {
 		t.Fatal("cache and source differ after reopen")
@@ -348,7 +348,7 @@ func TestWriteThroughNoStaleFill(t *testing.T) {
 // The hot path does not allocate.
 func TestHitAllocs(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
-	r, _ := m.Open("b", newSrc(1<<20, 0), 0)
+	r, _ := m.Open("b", testBind, newSrc(1<<20, 0), 0)
 	defer r.Close()
 	p := make([]byte, 4096)
 	r.ReadAt(p, 8192)
@@ -359,7 +359,7 @@ func TestHitAllocs(t *testing.T) {
 
 func BenchmarkHit4K(b *testing.B) {
 	m, _ := NewManager(b.TempDir(), 0)
-	r, _ := m.Open("b", newSrc(16<<20, 0), 0)
+	r, _ := m.Open("b", testBind, newSrc(16<<20, 0), 0)
 	defer r.Close()
 	r.Warm(context.Background(), nil)
 	p := make([]byte, 4096)
@@ -368,3 +368,7 @@ func BenchmarkHit4K(b *testing.B) {
 		r.ReadAt(p, int64(i%4000)*4096)
 	}
 }
+
+// testBind is a template generation: its cache is kept across opens, as
+// most tests here need.
+var testBind = Binding{Template: "t", Generation: "1", Origin: "test:src"}

@@ -20,7 +20,7 @@ func openNoPanic(m *Manager, s *src) (r *Ref, err error) {
 			err = fmt.Errorf("panic: %v", p)
 		}
 	}()
-	return m.Open("b", s, 0)
+	return m.Open("b", testBind, s, 0)
 }
 
 // A damaged chunk size in an existing cache's header is refused with a
@@ -30,7 +30,7 @@ func TestCorruptChunkSize(t *testing.T) {
 		t.Run(fmt.Sprint(bad), func(t *testing.T) {
 			dir := t.TempDir()
 			m := mustManager(t, dir, 0)
-			r, err := m.Open("b", newSrc(1<<20, 0), 0)
+			r, err := m.Open("b", testBind, newSrc(1<<20, 0), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -63,7 +63,7 @@ func TestDataFileShorterThanBitmap(t *testing.T) {
 	dir := t.TempDir()
 	m := mustManager(t, dir, 0)
 	s := newSrc(1<<20, 4)
-	r, err := m.Open("b", s, 64<<10)
+	r, err := m.Open("b", testBind, s, 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +71,7 @@ func TestDataFileShorterThanBitmap(t *testing.T) {
 	r.Close()
 	data := filepath.Join(dir, "b", "data")
 	os.Truncate(data, 300<<10)
-	r, err = m.Open("b", newSrc(1<<20, 4), 0)
+	r, err = m.Open("b", testBind, newSrc(1<<20, 4), 0)
 	if err == nil {
 		got := readAll(t, r)
 		r.Close()
@@ -87,14 +87,14 @@ func TestDataFileShorterThanBitmap(t *testing.T) {
 func TestEmptyBitmapWithoutData(t *testing.T) {
 	dir := t.TempDir()
 	m := mustManager(t, dir, 0)
-	r, err := m.Open("b", newSrc(1<<20, 5), 0)
+	r, err := m.Open("b", testBind, newSrc(1<<20, 5), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	r.Close()
 	os.Remove(filepath.Join(dir, "b", "data"))
 	s := newSrc(1<<20, 5)
-	if r, err = m.Open("b", s, 0); err != nil {
+	if r, err = m.Open("b", testBind, s, 0); err != nil {
 		t.Fatalf("empty cache without data file: %v", err)
 	}
 	defer r.Close()

@@ -33,6 +33,18 @@ type Manager struct {
 	approx    atomic.Int64             // bytes cached, refreshed by each eviction pass
 	evicting  atomic.Bool
 	lastEvict atomic.Int64 // unix ns of the last pass started by a fill
+	newChunk  atomic.Int64 // chunk size of new caches opened with chunk 0
+}
+
+// SetNewChunkSize sets the chunk size of new caches opened without one
+// (existing caches keep theirs, so changing it does not make them
+// unusable). 0: DefaultChunkSize.
+func (m *Manager) SetNewChunkSize(n int64) error {
+	if n != 0 && !validChunk(n) {
+		return fmt.Errorf("%w: chunk size %d must be a power of two between 4 KiB and 64 MiB", blockdev.ErrInvalid, n)
+	}
+	m.newChunk.Store(n)
+	return nil
 }
 
 type entry struct {
@@ -40,6 +52,7 @@ type entry struct {
 	base  *Base
 	err   error
 	refs  int
+	bind  Binding
 }
 
 // NewManager uses dir (created if missing). budget <= 0: no limit.
@@ -100,13 +113,13 @@ func ValidID(id string) error {
 	return nil
 }
 
-// Open returns a reference to baseID's cache, filled from source. The
-// caller hands source over: if the base is already open, its existing
-// source is kept and this one is closed at once. chunk 0: the existing
-// cache's chunk size, or DefaultChunkSize.
-func (m *Manager) Open(baseID string, source blockdev.Device, chunk int64) (*Ref, error) {
+// Open returns a reference to baseID's cache of bind's content, filled from
+// source. The caller hands source over: if the base is already open, its
+// existing source is kept and this one is closed at once. chunk 0: the
+// existing cache's chunk size, or DefaultChunkSize.
+func (m *Manager) Open(baseID string, bind Binding, source blockdev.Device, chunk int64) (*Ref, error) {
 	used := false
-	r, err := m.OpenFunc(baseID, chunk, func() (blockdev.Device, error) { used = true; return source, nil })
+	r, err := m.OpenFunc(baseID, bind, chunk, func() (blockdev.Device, error) { used = true; return source, nil })
 	if !used {
 		source.Close()
 	}
@@ -114,9 +127,14 @@ func (m *Manager) Open(baseID string, source blockdev.Device, chunk int64) (*Ref
 }
 
 // OpenFunc is Open with the source opened only when the base is not open
-// yet (an iSCSI login is not made just to be dropped).
-func (m *Manager) OpenFunc(baseID string, chunk int64, open func() (blockdev.Device, error)) (*Ref, error) {
+// yet (an iSCSI login is not made just to be dropped). A base open with
+// another binding is refused (ErrConflict); a cache on disk that does not
+// hold bind's content is emptied first (see Binding).
+func (m *Manager) OpenFunc(baseID string, bind Binding, chunk int64, open func() (blockdev.Device, error)) (*Ref, error) {
 	if err := ValidID(baseID); err != nil {
+		return nil, err
+	}
+	if err := bind.validate(); err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
@@ -129,6 +147,10 @@ func (m *Manager) OpenFunc(baseID string, chunk int64, open func() (blockdev.Dev
 	}
 	e := m.open[baseID]
 	if e != nil {
+		if err := e.bind.conflict(baseID, bind); err != nil {
+			m.mu.Unlock()
+			return nil, err
+		}
 		e.refs++
 		m.mu.Unlock()
 		<-e.ready
@@ -137,10 +159,10 @@ func (m *Manager) OpenFunc(baseID string, chunk int64, open func() (blockdev.Dev
 			return nil, fmt.Errorf("%w: base %s is open with chunk size %d, asked for %d", ErrMismatch, baseID, e.base.chunk, chunk)
 		}
 	} else {
-		e = &entry{ready: make(chan struct{}), refs: 1}
+		e = &entry{ready: make(chan struct{}), refs: 1, bind: bind}
 		m.open[baseID] = e
 		m.mu.Unlock()
-		e.base, e.err = m.openBase(baseID, chunk, open)
+		e.base, e.err = m.openBase(baseID, bind, chunk, open)
 		close(e.ready)
 	}
 	if e.err != nil {
@@ -155,12 +177,12 @@ func (m *Manager) OpenFunc(baseID string, chunk int64, open func() (blockdev.Dev
 	return &Ref{Base: e.base, m: m, id: baseID}, nil
 }
 
-func (m *Manager) openBase(id string, chunk int64, open func() (blockdev.Device, error)) (*Base, error) {
+func (m *Manager) openBase(id string, bind Binding, chunk int64, open func() (blockdev.Device, error)) (*Base, error) {
 	src, err := open()
 	if err != nil {
 		return nil, err
 	}
-	b, err := openBase(filepath.Join(m.dir, id), src, chunk)
+	b, err := openBase(filepath.Join(m.dir, id), src, chunk, bind, m.newChunk.Load())
 	if err != nil {
 		src.Close()
 		return nil, fmt.Errorf("base %s: %w", id, err)
@@ -192,13 +214,63 @@ func (m *Manager) release(id string) error {
 	if done == nil {
 		return nil
 	}
-	err := e.base.close()
+	// A volume's cache is not kept past its last user (see Binding).
+	err := e.base.close(!e.bind.IsTemplate())
 	m.mu.Lock()
 	delete(m.closing, id)
 	m.mu.Unlock()
 	close(done)
 	m.Evict()
 	return err
+}
+
+// Binding is what the base is open as.
+func (r *Ref) Binding() Binding { return r.m.bindingOf(r.id) }
+
+func (m *Manager) bindingOf(id string) Binding {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e := m.open[id]; e != nil {
+		return e.bind
+	}
+	return Binding{}
+}
+
+// Rebuilt says why an earlier cache of this base was emptied when it was
+// opened ("" if it was reused or there was none), for the log.
+func (r *Ref) Rebuilt() string { return r.rebuilt }
+
+// DropStale removes, from the directory, the caches that may no longer be
+// reused and that no process holds: volume caches (a volume's cache lives
+// only while it has an export) and caches that record no identity. The
+// daemon calls it at start, when none of its exports is open yet. It
+// returns the ids removed.
+func (m *Manager) DropStale() ([]string, error) {
+	ents, err := os.ReadDir(m.dir)
+	if err != nil {
+		return nil, fmt.Errorf("list cache directory: %w", err)
+	}
+	var dropped []string
+	var errs []error
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, de := range ents {
+		if !de.IsDir() || ValidID(de.Name()) != nil || m.open[de.Name()] != nil {
+			continue
+		}
+		dir := filepath.Join(m.dir, de.Name())
+		if b, err := readIdentity(dir); err == nil && b.IsTemplate() {
+			continue
+		}
+		if err := removeUnlocked(dir); err != nil {
+			if !errors.Is(err, ErrInUse) {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		dropped = append(dropped, de.Name())
+	}
+	return dropped, errors.Join(errs...)
 }
 
 // filled accounts a fill; past the budget it starts an eviction pass, at

@@ -24,7 +24,7 @@ func (s *slowClose) Close() error {
 func TestReopenWhileClosing(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
 	s := &slowClose{src: newSrc(1<<20, 1), entered: make(chan struct{}), release: make(chan struct{})}
-	r, err := m.Open("b", s, 64<<10)
+	r, err := m.Open("b", testBind, s, 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +36,7 @@ func TestReopenWhileClosing(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 		close(s.release)
 	}()
-	r2, err := m.Open("b", newSrc(1<<20, 1), 0)
+	r2, err := m.Open("b", testBind, newSrc(1<<20, 1), 0)
 	if err != nil {
 		t.Fatalf("reopen during close: %v", err)
 	}

@@ -7,12 +7,12 @@ import "testing"
 func TestTallyIsPerReference(t *testing.T) {
 	m := mustManager(t, t.TempDir(), 0)
 	s := newSrc(1<<20, 1)
-	a, err := m.Open("b", s, 64<<10)
+	a, err := m.Open("b", testBind, s, 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, err := m.Open("b", newSrc(1<<20, 1), 0)
+	b, err := m.Open("b", testBind, newSrc(1<<20, 1), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -35,6 +35,9 @@ const DefaultClusterSize = 4096
 // ErrMismatch is wrapped when a store does not fit the base.
 var ErrMismatch = errors.New("cow store does not match base")
 
+// ErrInUse is returned when the store is open elsewhere.
+var ErrInUse = errors.New("cow store is in use")
+
 const (
 	regionClusters = 64 // clusters per lock region
 	stripes        = 256
@@ -85,6 +88,25 @@ func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 	}
 	size := base.Size()
 	bmPath := path + ".bitmap"
+	// One writer per store: a second process flushing its own view of the
+	// bitmap would lose the first one's acknowledged writes.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open cow store: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w: cow store %s is open in another export or process", ErrInUse, path)
+	}
+	d, err := openLocked(path, bmPath, f, base, size, cl)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func openLocked(path, bmPath string, f *os.File, base blockdev.Device, size, cl int64) (*Dev, error) {
 	h, err := pbitmap.ReadHeader(bmPath)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -108,12 +130,7 @@ func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 	default:
 		cl = h.UnitSize
 	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open cow store: %w", err)
-	}
 	if st, err := f.Stat(); err != nil || st.Size() < size {
-		f.Close()
 		if err == nil {
 			err = fmt.Errorf("%w: store file %s is %d bytes, the base needs %d", ErrMismatch, path, st.Size(), size)
 		}
@@ -122,7 +139,6 @@ func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 	fd := int(f.Fd())
 	bits, err := pbitmap.Open(bmPath, func() error { return unix.Fdatasync(fd) })
 	if err != nil {
-		f.Close()
 		return nil, fmt.Errorf("cow store %s: %w", path, err)
 	}
 	d := &Dev{base: base, size: size, cl: cl, path: path, store: f, bits: bits, zero: make([]byte, cl)}
@@ -388,4 +404,33 @@ func (d *Dev) Stats() Stats {
 func (d *Dev) Close() error {
 	err := d.Flush()
 	return errors.Join(err, d.bits.Close(), d.store.Close())
+}
+
+// Remove deletes the store at path and its bitmap, refusing (ErrInUse)
+// while it is open anywhere. The bitmap goes first: a crash in between
+// leaves a store file that is refused as "not a cow store", never one
+// that is resumed without its bitmap.
+func Remove(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return removeIfExists(path + ".bitmap")
+	}
+	if err != nil {
+		return fmt.Errorf("remove cow store: %w", err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return fmt.Errorf("%w: cow store %s is open in another export or process", ErrInUse, path)
+	}
+	if err := removeIfExists(path + ".bitmap"); err != nil {
+		return err
+	}
+	return removeIfExists(path)
+}
+
+func removeIfExists(p string) error {
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove cow store: %w", err)
+	}
+	return nil
 }

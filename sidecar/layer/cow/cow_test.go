@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev/memdev"
 )
@@ -89,7 +91,9 @@ func TestFlushedSurvivesWithoutClose(t *testing.T) {
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	// No Close: a second instance reads what is on disk (page cache).
+	// No Close: a second instance, after the first one's process died (its
+	// lock is gone), reads what is on disk (page cache).
+	unix.Flock(int(d.store.Fd()), unix.LOCK_UN)
 	d2 := open(t, path, b)
 	defer d2.Close()
 	if got := read(t, d2, 5000, 7); string(got) != "flushed" {
@@ -146,5 +150,40 @@ func TestReadAllocs(t *testing.T) {
 	p := make([]byte, 16384)
 	if n := testing.AllocsPerRun(100, func() { d.ReadAt(p, 0) }); n != 0 {
 		t.Fatalf("a read allocates %v times", n)
+	}
+}
+
+// A store is open in one place at a time: a second opener is refused, not
+// allowed to flush its own bitmap over the first one's writes.
+func TestSecondOpenRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vm.cow")
+	base := memdev.FromBytes(make([]byte, 1<<20), true)
+	a, err := Open(path, base, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(path, base, Options{}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second open: %v, want ErrInUse", err)
+	}
+	a.Close()
+	b, err := Open(path, base, Options{})
+	if err != nil {
+		t.Fatalf("open after close: %v", err)
+	}
+	b.Close()
+}
+
+// A symlink at the store's path is not followed.
+func TestStoreSymlinkRefused(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "victim")
+	os.WriteFile(target, []byte("keep"), 0o600)
+	link := filepath.Join(dir, "vm.cow")
+	os.Symlink(target, link)
+	if _, err := Open(link, memdev.FromBytes(make([]byte, 1<<20), true), Options{}); err == nil {
+		t.Fatal("opened a store through a symlink")
+	}
+	if got, _ := os.ReadFile(target); string(got) != "keep" {
+		t.Fatal("symlink target changed")
 	}
 }

@@ -25,7 +25,7 @@ func TestWritesReachOrigin(t *testing.T) {
 	}
 	org := memdev.New(1 << 20)
 	var flushes atomic.Int32
-	r, err := m.Open("vol", flushCount{org, &flushes}, 64<<10)
+	r, err := m.Open("vol", cache.Binding{Origin: "test:vol", Writable: true}, flushCount{org, &flushes}, 64<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +64,7 @@ func TestWritesReachOrigin(t *testing.T) {
 
 func TestReadOnlySourceRefused(t *testing.T) {
 	m, _ := cache.NewManager(t.TempDir(), 0)
-	r, _ := m.Open("tmpl", memdev.FromBytes(make([]byte, 1<<20), true), 0)
+	r, _ := m.Open("tmpl", cache.Binding{Template: "tmpl", Generation: "1", Origin: "test:tmpl"}, memdev.FromBytes(make([]byte, 1<<20), true), 0)
 	defer r.Close()
 	if _, err := New(r); !errors.Is(err, blockdev.ErrReadOnly) {
 		t.Fatalf("write-through over a read-only source: %v", err)
