@@ -71,6 +71,12 @@ func ParseISCSIURL(raw string) (ISCSI, error) {
 		return bad("missing host")
 	}
 	if q := strings.IndexAny(path, "?#"); q >= 0 {
+		if query := path[q:]; strings.Contains(query, "target_user") || strings.Contains(query, "target_password") {
+			return bad(errMutualCHAP)
+		}
+		if path[q] == '?' {
+			return bad("query parameters are not supported")
+		}
 		path = path[:q]
 	}
 	iqn, lunStr, ok := strings.Cut(path, "/")
@@ -217,6 +223,11 @@ func ParseConnectionInfo(ci map[string]any) (ISCSI, error) {
 		}
 		s.Portals = append(s.Portals, Portal{Addr: addr, IQN: iqn, LUN: lun})
 	}
+	for k := range ci {
+		if isMutualCHAPKey(k) {
+			return bad("%s (key %s)", errMutualCHAP, k)
+		}
+	}
 	if m, ok := ci["auth_method"]; ok && m != nil {
 		method, _ := str(m)
 		switch strings.ToUpper(method) {
@@ -237,6 +248,21 @@ func ParseConnectionInfo(ci map[string]any) (ISCSI, error) {
 		}
 	}
 	return s, nil
+}
+
+// Mutual CHAP (the target proving itself to us as well) is refused, never
+// ignored: a login that skipped it would trust a target the operator asked
+// to have authenticated.
+const errMutualCHAP = "mutual CHAP (the target authenticating to the initiator) is not supported: configure the backend for one-way CHAP"
+
+func isMutualCHAPKey(k string) bool {
+	k = strings.ToLower(k)
+	switch k {
+	case "target_username", "target_password", "target_user", "target_secret",
+		"auth_username_in", "auth_password_in", "username_in", "password_in":
+		return true
+	}
+	return strings.Contains(k, "mutual")
 }
 
 func list(ci map[string]any, key string) ([]any, error) {

@@ -92,3 +92,29 @@ func TestParseConnectionInfo(t *testing.T) {
 		}
 	}
 }
+
+// Mutual CHAP is refused, in connection_info and in libiscsi's URL form,
+// without echoing the secret.
+func TestMutualCHAPRefused(t *testing.T) {
+	base := func() map[string]any {
+		return map[string]any{"target_portal": "10.0.0.1:3260", "target_iqn": "iqn.2010-10.org.x:v", "target_lun": 1,
+			"auth_method": "CHAP", "auth_username": "u", "auth_password": "p"}
+	}
+	for _, k := range []string{"target_username", "target_password", "auth_username_in", "auth_password_in", "mutual_chap_secret"} {
+		ci := base()
+		ci[k] = "t0ps3cret"
+		_, err := ParseConnectionInfo(ci)
+		if !errors.Is(err, ErrBadSpec) || !strings.Contains(err.Error(), "mutual CHAP") || strings.Contains(err.Error(), "t0ps3cret") {
+			t.Errorf("%s: %v", k, err)
+		}
+	}
+	for _, u := range []string{
+		"iscsi://u%p@10.0.0.1/iqn.2010-10.org.x:v/1?target_user=t&target_password=t0ps3cret",
+		"iscsi://10.0.0.1/iqn.2010-10.org.x:v/1?header_digest=crc32c",
+	} {
+		_, err := ParseISCSIURL(u)
+		if !errors.Is(err, ErrBadSpec) || strings.Contains(err.Error(), "t0ps3cret") {
+			t.Errorf("%s: %v", u, err)
+		}
+	}
+}
