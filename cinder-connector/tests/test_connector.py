@@ -15,7 +15,8 @@ from os_brick.initiator.connectors.base import BaseLinuxConnector
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import pyharness  # noqa: E402
-from vmthunder_brick import VMThunderConnector  # noqa: E402
+from vmthunder_brick import SidecarError, VMThunderConnector  # noqa: E402
+from vmthunder_brick.connector import brick_error  # noqa: E402
 
 CHAP = ("brickuser", "s3cret-pass")
 
@@ -123,47 +124,103 @@ def test_socket_from_environment(env, monkeypatch):
     assert c.get_all_available_volumes() == explicit.get_all_available_volumes()
 
 
-def test_bad_chap_is_a_login_failure_with_the_sidecar_message(env, conn):
-    tgt, _ = env
+def failed_creates(sidecar, vid):
+    """How many creates of vid the sidecar has refused (its log says)."""
+    lines = sidecar.log_text().splitlines()
+    return sum(1 for line in lines if "create export failed" in line and f"export={vid}" in line)
+
+
+def sidecar_code(exc):
+    """The sidecar's error code behind an os-brick exception."""
+    cause = exc.__cause__
+    assert isinstance(cause, SidecarError), repr(cause)
+    return cause.code
+
+
+def test_bad_chap_is_a_login_failure_and_not_retried(env):
+    tgt, sidecar = env
+    conn = VMThunderConnector(socket_path=sidecar.api_socket, device_scan_attempts=3, retry_interval=0.1)
     props = tgt.connection_info("vol-badchap", chap=("brickuser", "wrong"))
     with pytest.raises(exception.FailedISCSITargetPortalLogin) as e:
         conn.connect_volume(props)
-    assert "authentication" in str(e.value)
+    assert sidecar_code(e.value) == "auth_failed"
+    assert "vol-badchap" in str(e.value)
     assert "wrong" not in str(e.value)  # the password stays secret
+    # Retrying refused credentials only adds failed logins on the target.
+    assert failed_creates(sidecar, "vol-badchap") == 1
     assert conn.get_volume_paths(props) == []
 
 
-def test_sidecar_errors_become_os_brick_exceptions(env, conn):
-    tgt, _ = env
+def test_an_unreachable_target_is_retried_then_a_portal_error(env):
+    tgt, sidecar = env
+    conn = VMThunderConnector(socket_path=sidecar.api_socket, device_scan_attempts=3, retry_interval=0.1)
     props = tgt.connection_info("vol-noportal", chap=CHAP)
     props["target_portal"] = f"127.0.0.1:{pyharness.free_port()}"
     with pytest.raises(exception.TargetPortalNotFound) as e:
         conn.connect_volume(props)
-    assert "unreachable" in str(e.value) and props["target_portal"] in str(e.value)
+    assert sidecar_code(e.value) == "target_unreachable"
+    assert props["target_portal"] in str(e.value)
+    assert failed_creates(sidecar, "vol-noportal") == 3  # device_scan_attempts
+    assert conn.get_volume_paths(props) == []
 
-    props = tgt.connection_info("vol-notarget", chap=CHAP)
-    props["target_iqn"] += "-missing"
-    with pytest.raises(exception.TargetPortalNotFound) as e:
-        conn.connect_volume(props)
-    assert "target not found" in str(e.value)
 
-    props = tgt.connection_info("vol-nolun", chap=CHAP)
-    props["target_lun"] = 7
-    with pytest.raises(exception.VolumeDeviceNotFound) as e:
-        conn.connect_volume(props)
-    assert "LUN not found" in str(e.value)
+def test_sidecar_errors_become_os_brick_exceptions(env, conn):
+    tgt, sidecar = env
+    missing = (("vol-notarget", "target_iqn", tgt.iqn + "-missing"), ("vol-nolun", "target_lun", 7))
+    for vid, key, value in missing:
+        props = tgt.connection_info(vid, chap=CHAP)
+        props[key] = value
+        with pytest.raises(exception.VolumeDeviceNotFound) as e:
+            conn.connect_volume(props)
+        assert sidecar_code(e.value) == "no_such_target", str(e.value)
+        assert vid in str(e.value)
+        assert failed_creates(sidecar, vid) == 1, vid  # not retried
 
     with pytest.raises(exception.InvalidParameterValue) as e:
         conn.connect_volume(tgt.connection_info("bad id/", chap=CHAP))
-    assert 'invalid id "bad id/"' in str(e.value)
+    assert sidecar_code(e.value) == "invalid" and 'invalid id "bad id/"' in str(e.value)
 
     with pytest.raises(exception.VolumeDeviceNotFound) as e:
         conn.extend_volume({"volume_id": "never-attached"})
-    assert 'no export "never-attached"' in str(e.value)
+    assert sidecar_code(e.value) == "not_found" and 'no export "never-attached"' in str(e.value)
 
     with pytest.raises(exception.InvalidParameterValue) as e:
         conn.connect_volume({"target_portal": "x"})
     assert "volume_id" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "code, status, want",
+    [
+        ("bad_json", 400, exception.InvalidParameterValue),
+        ("unknown_field", 400, exception.InvalidParameterValue),
+        ("missing_field", 400, exception.InvalidParameterValue),
+        ("invalid", 400, exception.InvalidParameterValue),
+        ("bad_origin", 400, exception.InvalidParameterValue),
+        ("forbidden", 403, exception.InvalidParameterValue),
+        ("auth_failed", 502, exception.FailedISCSITargetPortalLogin),
+        ("target_unreachable", 502, exception.TargetPortalNotFound),
+        ("no_such_target", 502, exception.VolumeDeviceNotFound),
+        ("not_found", 404, exception.VolumeDeviceNotFound),
+        ("base_conflict", 409, exception.BrickException),
+        ("conflict", 409, exception.BrickException),
+        ("exists", 409, exception.BrickException),
+        ("origin_error", 502, exception.BrickException),
+        ("internal", 500, exception.BrickException),
+        ("too_large", 413, exception.BrickException),
+        ("sidecar_unreachable", 0, exception.BrickException),
+        ("timeout", 0, exception.BrickException),
+        ("", 500, exception.BrickException),
+    ],
+)
+def test_the_code_alone_picks_the_exception(code, status, want):
+    """The mapping of docs/api.md's connector table. The message plays no
+    part: one that reads like another cause changes nothing."""
+    messages = ("iscsi login failed: authentication", "target not found", "LUN not found", "unreachable")
+    for message in messages:
+        got = brick_error(SidecarError(status, code, message), "vol-x")
+        assert type(got) is want, (code, message, type(got))
+        assert message in str(got) and "vol-x" in str(got)
 
 
 def test_connector_properties_name_the_initiator(env):
@@ -190,19 +247,89 @@ def test_sidecar_down_is_a_clear_error(tmp_path):
 
 def test_a_conflict_is_not_taken_for_an_existing_export(env, conn):
     """Only 409 "exists" means the export is already there: another 409
-    (here the base cache kept from an attach before Cinder extended the
-    volume) must come back with the sidecar's message, not a lookup of an
-    export that was never made."""
+    (here base_conflict: a read-only export of a volume another export
+    writes through) must come back with the sidecar's message, not a
+    lookup of an export that was never made."""
+    tgt, sidecar = env
+    rw = tgt.connection_info("vol-conflict", chap=CHAP)
+    conn.connect_volume(rw)
+    ro = VMThunderConnector(socket_path=sidecar.api_socket, export_id="vol-conflict-ro")
+    ro_props = dict(rw, access_mode="ro")
+    try:
+        with pytest.raises(exception.BrickException) as e:
+            ro.connect_volume(ro_props)
+        assert type(e.value) is exception.BrickException, repr(e.value)
+        assert sidecar_code(e.value) == "base_conflict"
+        assert "vol-conflict-ro" in str(e.value) and "no export" not in str(e.value)
+        assert ro.get_volume_paths(ro_props) == []
+        assert conn.client.get_export("vol-conflict")["state"] == "ready"  # left alone
+    finally:
+        conn.disconnect_volume(rw, None)
+
+
+def test_extend_follows_a_file_origin_that_grows(env, conn):
+    """extend_volume is the sidecar's refresh: it answers the origin's new
+    size, as os-brick's extend_volume does, and the export serves it."""
+    _, sidecar = env
+    path = os.path.join(sidecar.origin_dir, "grow.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 << 20))
+    conn.client.create_export({"id": "file-grow", "origin": path, "mode": "write-through"})
+    props = {"volume_id": "file-grow"}
+    try:
+        assert conn.extend_volume(props) == 8 << 20  # unchanged
+        os.truncate(path, 24 << 20)
+        assert conn.extend_volume(props) == 24 << 20
+        uri = conn.get_volume_paths(props)[0]
+        assert f"({24 << 20} bytes)" in run("qemu-img", "info", "-f", "raw", uri)
+        run("qemu-io", "-f", "raw", "-c", f"write -P 0x7c {20 << 20} 64k", "-c", "flush", uri)
+        with open(path, "rb") as f:
+            f.seek(20 << 20)
+            assert f.read(65536) == b"\x7c" * 65536
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", path, uri)
+    finally:
+        conn.disconnect_volume(props, None)
+
+    # A copy-on-write export cannot follow its origin's size: the sidecar
+    # refuses, and extend fails instead of answering the old size.
+    path = os.path.join(sidecar.origin_dir, "cow-base.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 << 20))
+    conn.client.create_export({"id": "file-cow", "origin": path, "mode": "cow"})
+    props = {"volume_id": "file-cow"}
+    try:
+        os.truncate(path, 16 << 20)
+        with pytest.raises(exception.BrickException) as e:
+            conn.extend_volume(props)
+        assert sidecar_code(e.value) == "conflict" and "file-cow" in str(e.value)
+        assert conn.client.get_export("file-cow")["size"] == 8 << 20
+    finally:
+        conn.client.delete_export("file-cow")
+
+
+def test_a_failure_after_create_deletes_only_an_export_it_made(env, conn, monkeypatch):
     tgt, _ = env
-    props = tgt.connection_info("vol-conflict", chap=CHAP)
-    conn.connect_volume(props)
-    conn.disconnect_volume(props, None)
-    grow_lun(tgt, os.path.getsize(tgt.backing) + (16 << 20))
-    with pytest.raises(exception.BrickException) as e:
+    props = tgt.connection_info("vol-after", chap=CHAP)
+
+    def broken(export):
+        raise RuntimeError("device_info broke")
+
+    monkeypatch.setattr(conn, "device_info", broken)
+    with pytest.raises(RuntimeError):
         conn.connect_volume(props)
-    assert not isinstance(e.value, exception.VolumeDeviceNotFound), str(e.value)
-    assert "made for a base of" in str(e.value) and "no export" not in str(e.value)
-    assert conn.get_volume_paths(props) == []
+    assert conn.get_volume_paths(props) == []  # the export it made is gone
+    monkeypatch.undo()
+    info = conn.connect_volume(props)
+    try:
+        # A retried attach that fails must not take down the export it
+        # reused: an attachment made before is still using it.
+        monkeypatch.setattr(conn, "device_info", broken)
+        with pytest.raises(RuntimeError):
+            conn.connect_volume(props)
+        assert conn.get_volume_paths(props) == [info["uri"]]
+        assert os.path.exists(info["socket"])
+    finally:
+        conn.disconnect_volume(props, None)
 
 
 def test_an_export_the_sidecar_could_not_recreate_is_not_handed_out():
@@ -394,4 +521,31 @@ def test_an_export_being_created_is_waited_for(env, conn, own_tgt):
     finally:
         t.join(30)
         conn.disconnect_volume(props, None)
+        proxy.close()
+
+
+def test_a_create_that_times_out_leaves_no_export(env, own_tgt):
+    """The sidecar answers a create once the export is ready. When that
+    takes longer than create_timeout the attach fails, and the export the
+    sidecar finishes afterwards is deleted: nothing will ever detach it."""
+    _, sidecar = env
+    tgt = own_tgt
+    proxy = SlowPortal(tgt.connection_info("x")["target_portal"], delay=3)
+    props = tgt.connection_info("vol-slow", chap=CHAP)
+    props["target_portal"] = proxy.portal
+    c = VMThunderConnector(socket_path=sidecar.api_socket, create_timeout=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(exception.BrickException) as e:
+            c.connect_volume(props)
+        assert sidecar_code(e.value) == "timeout", str(e.value)
+        assert "vol-slow" in str(e.value) and "create_timeout" in str(e.value)
+        # It waited for the create to end, then deleted what it made.
+        assert time.monotonic() - start >= 2.5
+        lines = sidecar.log_text().splitlines()
+        assert any("export created" in x and "export=vol-slow" in x for x in lines)
+        assert c.get_volume_paths(props) == []
+        assert not [x for x in c.client.list_exports() if x["id"] == "vol-slow"]
+    finally:
+        c.disconnect_volume(props, None, ignore_errors=True)
         proxy.close()

@@ -13,14 +13,22 @@ def default_socket():
     return os.environ.get("VMTHUNDER_SOCKET", DEFAULT_SOCKET)
 
 
-class SidecarError(Exception):
-    """An answer from the sidecar that is not a success."""
+# Codes the client itself gives (status 0): no answer came from the sidecar.
+SIDECAR_UNREACHABLE = "sidecar_unreachable"  # the API socket refused, or the connection broke
+TIMEOUT = "timeout"  # sent, but no answer within the timeout
 
-    def __init__(self, status, code, message):
+
+class SidecarError(Exception):
+    """An answer from the sidecar that is not a success, or no answer."""
+
+    def __init__(self, status, code, message, sent=True):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        # False only when the request never reached the sidecar: a create
+        # that timed out (code "timeout") may still be running there.
+        self.sent = sent
 
     def __str__(self):
         return f"sidecar: {self.message} ({self.code or self.status})"
@@ -49,18 +57,28 @@ class SidecarClient:
         self.socket_path = socket_path or default_socket()
         self.timeout = timeout
 
-    def _call(self, method, path, body=None):
-        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+    def _call(self, method, path, body=None, timeout=None):
+        timeout = self.timeout if timeout is None else timeout
+        conn = _UnixHTTPConnection(self.socket_path, timeout)
         try:
             data = None if body is None else json.dumps(body)
             headers = {"Content-Type": "application/json"} if data else {}
             try:
                 conn.request(method, "/v1" + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
             except OSError as e:
                 raise SidecarError(
-                    0, "unreachable", f"cannot reach the sidecar at {self.socket_path}: {e}"
+                    0, SIDECAR_UNREACHABLE, f"cannot reach the sidecar at {self.socket_path}: {e}", sent=False
+                ) from e
+            try:
+                resp = conn.getresponse()
+                raw = resp.read()
+            except TimeoutError as e:
+                raise SidecarError(
+                    0, TIMEOUT, f"no answer from the sidecar at {self.socket_path} within {timeout:g}s"
+                ) from e
+            except (OSError, http.client.HTTPException) as e:
+                raise SidecarError(
+                    0, SIDECAR_UNREACHABLE, f"lost the sidecar at {self.socket_path}: {e!r}"
                 ) from e
         finally:
             conn.close()
@@ -81,8 +99,10 @@ class SidecarClient:
     def info(self):
         return self._call("GET", "/info")
 
-    def create_export(self, request):
-        return self._call("POST", "/exports", request)
+    def create_export(self, request, timeout=None):
+        """timeout: seconds to wait for the answer (the sidecar answers a
+        create once the export is ready); default the client's."""
+        return self._call("POST", "/exports", request, timeout=timeout)
 
     def get_export(self, export_id):
         return self._call("GET", f"/exports/{self._id(export_id)}")

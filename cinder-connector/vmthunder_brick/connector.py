@@ -10,13 +10,23 @@ import time
 
 from os_brick import exception
 from os_brick.initiator.connectors import base
+from oslo_log import log as logging
 
-from vmthunder_brick.client import SidecarClient, SidecarError, default_socket
+from vmthunder_brick.client import TIMEOUT, SidecarClient, SidecarError, default_socket
+
+LOG = logging.getLogger(__name__)
 
 INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 
-# Sidecar error codes (docs/api.md) that mean the request itself was wrong.
-_INVALID_CODES = ("bad_json", "unknown_field", "missing_field", "invalid", "bad_origin")
+# Sidecar error codes (docs/api.md, "Error codes in the os-brick connector")
+# and the os-brick exception each becomes. Only the code decides: the
+# message is for people and is passed on unchanged.
+_INVALID_CODES = ("bad_json", "unknown_field", "missing_field", "invalid", "bad_origin", "forbidden")
+# Retried by connect_volume (device_scan_attempts in all, as os-brick's iSCSI
+# connector retries a portal login): a portal that did not answer may be
+# back in a moment. Everything else fails at once; auth_failed above all,
+# since retrying bad credentials only adds failed logins on the target.
+RETRIED_CODES = ("target_unreachable",)
 
 
 def export_id(connection_properties, fixed_id=None):
@@ -35,21 +45,22 @@ def export_id(connection_properties, fixed_id=None):
 
 
 def brick_error(err, volume_id=None):
-    """Map a sidecar answer onto the os-brick exception callers expect,
-    keeping the sidecar's own message (it names the cause)."""
+    """Map a sidecar answer onto the os-brick exception callers expect, by
+    its code alone, keeping the sidecar's own message (it names the cause)."""
     msg = f"vmthunder export {volume_id}: {err}" if volume_id else str(err)
-    if err.status == 404:
+    code = err.code
+    if code == "not_found":
         return exception.VolumeDeviceNotFound(device=msg)
-    if err.code in _INVALID_CODES:
+    if code in _INVALID_CODES:
         return exception.InvalidParameterValue(err=msg)
-    if err.code == "origin_error":
-        text = err.message.lower()
-        if "authentication" in text or "login failed" in text:
-            return exception.FailedISCSITargetPortalLogin(message=msg)
-        if "unreachable" in text or "target not found" in text or "timeout" in text:
-            return exception.TargetPortalNotFound(message=msg)
-        if "lun not found" in text:
-            return exception.VolumeDeviceNotFound(message=msg)
+    if code == "auth_failed":
+        return exception.FailedISCSITargetPortalLogin(message=msg)
+    if code == "target_unreachable":
+        return exception.TargetPortalNotFound(message=msg)
+    if code == "no_such_target":
+        return exception.VolumeDeviceNotFound(message=msg)
+    # origin_error, conflict, base_conflict, exists, too_large, internal,
+    # and no answer at all (sidecar_unreachable, timeout).
     return exception.BrickException(message=msg)
 
 
@@ -62,6 +73,13 @@ class VMThunderConnector(base.BaseLinuxConnector):
     volume is write-through: nothing acknowledged may live only here).
     create_wait: how long, in seconds, to wait for an export another attach
     is still creating (state "creating") to become ready.
+    create_timeout: how long, in seconds, to wait for the sidecar to make
+    this attach's own export (it answers once the origin is open). On a
+    timeout, or any failure after the sidecar made the export, the export
+    is deleted again (an export this attach reused is left alone).
+    cleanup_wait: how long a timed-out create may still take before the
+    export it makes can be deleted.
+    device_scan_attempts (os-brick's): attempts at an unreachable target.
     """
 
     def __init__(
@@ -74,6 +92,9 @@ class VMThunderConnector(base.BaseLinuxConnector):
         export_id=None,
         mode="write-through",
         create_wait=5.0,
+        create_timeout=120.0,
+        cleanup_wait=60.0,
+        retry_interval=1.0,
         **kwargs,
     ):
         super().__init__(root_helper, driver, execute, *args, **kwargs)
@@ -81,6 +102,9 @@ class VMThunderConnector(base.BaseLinuxConnector):
         self.export_id = export_id
         self.mode = mode
         self.create_wait = create_wait
+        self.create_timeout = create_timeout
+        self.cleanup_wait = cleanup_wait
+        self.retry_interval = retry_interval
 
     def _id(self, connection_properties):
         return export_id(connection_properties, self.export_id)
@@ -121,7 +145,7 @@ class VMThunderConnector(base.BaseLinuxConnector):
         try:
             return [self.client.get_export(self._id(connection_properties))["uri"]]
         except SidecarError as e:
-            if e.status == 404:
+            if e.code == "not_found":
                 return []
             raise brick_error(e) from e
 
@@ -141,12 +165,52 @@ class VMThunderConnector(base.BaseLinuxConnector):
         vid = self._id(connection_properties)
         mode = "readonly" if connection_properties.get("access_mode") == "ro" else self.mode
         request = {"id": vid, "mode": mode, "connection_info": _data(connection_properties)}
+        made = []  # [True] once the sidecar is making this attach's own export
+        try:
+            export = self._create_or_reuse(vid, request, made)
+            if export.get("state") == "error":
+                # An existing export the sidecar could not re-create after a
+                # restart: nothing serves its socket.
+                msg = f"vmthunder export {vid}: not served: {export.get('error')}"
+                raise exception.BrickException(message=msg)
+            return self.device_info(export)
+        except BaseException:
+            if made:
+                self._remove_own(vid)
+            raise
+
+    def _create_or_reuse(self, vid, request, made):
         deadline = time.monotonic() + self.create_wait
         pause = 0.05
+        attempt = 1
         while True:
             try:
-                export = self.client.create_export(request)
+                export = self.client.create_export(request, timeout=self.create_timeout)
+                made.append(True)
             except SidecarError as e:
+                if e.code == TIMEOUT:
+                    # The sidecar got the create and is still at it (an
+                    # iSCSI login that hangs): the export it is making is
+                    # this attach's, and must not outlive it.
+                    made.append(True)
+                    msg = (
+                        f"vmthunder export {vid}: not ready within create_timeout "
+                        f"({self.create_timeout:g}s): {e}"
+                    )
+                    raise exception.BrickException(message=msg) from e
+                if e.code in RETRIED_CODES and attempt < self.device_scan_attempts:
+                    wait = self.retry_interval * 2 ** (attempt - 1)
+                    LOG.warning(
+                        "vmthunder export %s: attempt %d of %d failed, retrying in %gs: %s",
+                        vid,
+                        attempt,
+                        self.device_scan_attempts,
+                        wait,
+                        e,
+                    )
+                    attempt += 1
+                    time.sleep(wait)
+                    continue
                 if e.code != "exists":  # a 409 "conflict" names another cause
                     raise brick_error(e, vid) from e
                 # Already exported on this node (a retried attach, a reboot
@@ -155,12 +219,12 @@ class VMThunderConnector(base.BaseLinuxConnector):
                 try:
                     export = self.client.get_export(vid)
                 except SidecarError as e2:
-                    if e2.status == 404 and time.monotonic() < deadline:
+                    if e2.code == "not_found" and time.monotonic() < deadline:
                         continue  # its create failed meanwhile: try ours
                     raise brick_error(e2, vid) from e2
                 check_reuse(vid, request, export)
             if export.get("state") != "creating":
-                break
+                return export
             # Another attach is still creating it: its socket does not exist
             # yet.
             if time.monotonic() >= deadline:
@@ -171,12 +235,33 @@ class VMThunderConnector(base.BaseLinuxConnector):
                 raise exception.BrickException(message=msg)
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
-        if export.get("state") == "error":
-            # An existing export the sidecar could not re-create after a
-            # restart: nothing serves its socket.
-            msg = f"vmthunder export {vid}: not served: {export.get('error')}"
-            raise exception.BrickException(message=msg)
-        return self.device_info(export)
+
+    def _remove_own(self, vid):
+        """Delete the export this failed attach made. A create that timed
+        out is still running in the sidecar (the export is busy until it
+        ends): wait up to cleanup_wait for it."""
+        deadline = time.monotonic() + self.cleanup_wait
+        pause = 0.1
+        while True:
+            try:
+                self.client.delete_export(vid)
+                LOG.info("vmthunder export %s: deleted after the attach that made it failed", vid)
+                return
+            except SidecarError as e:
+                if e.code == "not_found":
+                    return  # the create failed in the end: nothing was left
+                if e.code == "conflict" and time.monotonic() < deadline:
+                    time.sleep(pause)  # busy: its create is still running
+                    pause = min(pause * 2, 1.0)
+                    continue
+                LOG.error(
+                    "vmthunder export %s: the attach that made it failed, and deleting it failed too "
+                    "(delete it with `vmthunder detach %s`): %s",
+                    vid,
+                    vid,
+                    e,
+                )
+                return
 
     def disconnect_volume(self, connection_properties, device_info, force=False, ignore_errors=False):
         # Nova passes no device_info: the properties name the export.
@@ -184,7 +269,7 @@ class VMThunderConnector(base.BaseLinuxConnector):
         try:
             self.client.delete_export(vid)
         except SidecarError as e:
-            if e.status == 404 or ignore_errors:
+            if e.code == "not_found" or ignore_errors:
                 return  # already gone: disconnect is idempotent
             raise brick_error(e, vid) from e
 

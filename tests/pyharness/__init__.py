@@ -109,12 +109,17 @@ class Sidecar:
         self.workdir = workdir
         self.api_socket = os.path.join(workdir, "api.sock")
         self.config = os.path.join(workdir, "vmthunder.conf")
+        # Local origin files may be exported from here only (the daemon
+        # refuses others with 403 forbidden).
+        self.origin_dir = os.path.join(workdir, "origins")
+        os.makedirs(self.origin_dir, mode=0o755, exist_ok=True)
         with open(self.config, "w") as f:
             f.write(f"""[DEFAULT]
 state_dir = {workdir}/state
 api_socket = {self.api_socket}
 nbd_socket_dir = {workdir}/nbd
-socket_group = {socket_group}
+nbd_group = {socket_group}
+allowed_origin_dirs = {self.origin_dir}
 
 [cache]
 dir = {workdir}/cache
@@ -126,6 +131,10 @@ dir = {workdir}/cache
         wait_for(lambda: os.path.exists(self.api_socket) or self.proc.poll() is not None, "sidecar")
         if self.proc.poll() is not None:
             raise RuntimeError(f"sidecar exited: {open(self.log.name).read()}")
+
+    def log_text(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
