@@ -292,7 +292,8 @@ func (r Record) baseID() string {
 // options are the stack options of the export.
 func (d *Daemon) options(r Record) stack.Options {
 	return stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
-		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath}
+		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath,
+		Metrics: d.mset, Name: r.ID}
 }
 
 // open builds the export's stack and serves it on its socket.
@@ -306,14 +307,7 @@ func (d *Daemon) open(e *export) error {
 			return fmt.Errorf("cow_path directory: %w", err)
 		}
 	}
-	dev, err := stack.Build(stack.Options{
-		Origin:     r.spec(),
-		Mode:       stack.Mode(r.Mode),
-		Manager:    d.mgr,
-		Template:   r.template(),
-		Generation: r.Generation,
-		CowPath:    r.CowPath,
-	})
+	dev, err := stack.Build(d.options(r))
 	if err != nil {
 		return err
 	}
@@ -322,11 +316,11 @@ func (d *Daemon) open(e *export) error {
 		dev.Close()
 		return fmt.Errorf("stack.Build returned %T, not *stack.Export", dev)
 	}
-	top := metrics.Wrap(ex, d.mset, r.ID)
+	top := ex.Metrics()
 	srv := nbd.NewServer(d.log.WithField("export", r.ID))
-	if err := srv.Add(r.ID, top); err != nil {
+	if err := srv.Add(r.ID, ex); err != nil {
 		ex.Close()
-		d.mset.Forget(r.ID) // Wrap made the export's series
+		d.mset.Forget(r.ID) // the stack made the export's series
 		return err
 	}
 	ln, err := d.listenUnix(d.socketPath(r.ID))

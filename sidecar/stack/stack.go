@@ -1,6 +1,8 @@
 // Package stack assembles an export's layers from options: origin at the
-// bottom, then the shared base cache, then the writable layer. Both
-// `vmthunder export` and the daemon build exports here.
+// bottom, then the shared base cache, then the writable layer, then the
+// metrics layer. Both `vmthunder export` and the daemon build exports
+// here, and only here; it also decides what base an export uses (see
+// Options.Base and cache.Binding).
 package stack
 
 import (
@@ -15,6 +17,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
+	"github.com/vmthunder/vmthunder/sidecar/layer/metrics"
 	"github.com/vmthunder/vmthunder/sidecar/layer/writethrough"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 )
@@ -51,6 +54,10 @@ type Options struct {
 	Template, Generation string
 	// ClusterSize is the cow bitmap granularity; 0: default (4 KiB).
 	ClusterSize int64
+	// Metrics, when set, counts the export's I/O as Name at the top of
+	// the stack.
+	Metrics *metrics.Set
+	Name    string
 	// OpenOrigin opens the origin; nil: OpenOrigin. Tests put a memdev
 	// here; the daemon may hand out origins it manages.
 	OpenOrigin func(origin.Spec) (blockdev.Device, error)
@@ -67,10 +74,15 @@ type Export struct {
 	blockdev.Device
 	mode   Mode
 	baseID string     // "" without a cache
-	base   *cache.Ref // nil without a cache
-	cow    *cow.Dev   // nil unless Mode is cow
+	base   *cache.Ref   // nil without a cache
+	cow    *cow.Dev     // nil unless Mode is cow
+	meter  *metrics.Dev // nil without Options.Metrics
+	upper  blockdev.Device // the writable layer (cow, write-through), nil without one
 	below  blockdev.Device
 }
+
+// Metrics is the export's metrics layer, nil without one.
+func (e *Export) Metrics() *metrics.Dev { return e.meter }
 
 // Unwrap is the top layer: Export passes every call to it.
 func (e *Export) Unwrap() blockdev.Device { return e.Device }
@@ -89,8 +101,8 @@ func (e *Export) Mode() Mode { return e.mode }
 
 func (e *Export) Close() error {
 	var err error
-	if e.Device != e.below {
-		err = e.Device.Close()
+	if e.upper != nil {
+		err = e.upper.Close()
 	}
 	return errors.Join(err, e.below.Close())
 }
@@ -224,14 +236,18 @@ func Build(o Options) (blockdev.Device, error) {
 			e.below.Close()
 			return nil, err
 		}
-		e.Device, e.cow = c, c
+		e.Device, e.cow, e.upper = c, c, c
 	case mode == ModeWriteThrough && e.base != nil:
 		w, err := writethrough.New(e.base)
 		if err != nil {
 			e.below.Close()
 			return nil, err
 		}
-		e.Device = w
+		e.Device, e.upper = w, w
+	}
+	if o.Metrics != nil {
+		e.meter = metrics.Wrap(e.Device, o.Metrics, o.Name)
+		e.Device = e.meter
 	}
 	return e, nil
 }
