@@ -25,7 +25,11 @@ function configure_vmthunder {
 state_dir = $VMTHUNDER_STATE_DIR
 api_socket = $VMTHUNDER_API_SOCKET
 nbd_socket_dir = $VMTHUNDER_NBD_SOCKET_DIR
-socket_group = $VMTHUNDER_SOCKET_GROUP
+api_group = $VMTHUNDER_API_GROUP
+nbd_group = $VMTHUNDER_NBD_GROUP
+allowed_origin_dirs = $VMTHUNDER_ALLOWED_ORIGIN_DIRS
+allowed_origin_devices = $VMTHUNDER_ALLOWED_ORIGIN_DEVICES
+allowed_cow_dirs = $VMTHUNDER_STATE_DIR/cow
 
 [cache]
 dir = $VMTHUNDER_STATE_DIR/cache

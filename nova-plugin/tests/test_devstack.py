@@ -57,7 +57,13 @@ def test_post_config_writes_the_sidecar_config_and_nova_options(tmp_path, nova_c
     # The keys the daemon reads (contrib/vmthunder.conf).
     assert conf["DEFAULT"]["api_socket"] == "/run/vmthunder/api.sock"
     assert conf["DEFAULT"]["nbd_socket_dir"] == "/run/vmthunder/nbd"
-    assert conf["DEFAULT"]["socket_group"] == "libvirt-qemu"
+    # QEMU's group gets the NBD sockets only; the API is nova's (STACK_USER).
+    assert conf["DEFAULT"]["nbd_group"] == "libvirt-qemu"
+    assert conf["DEFAULT"]["api_group"] == "stack"
+    assert "socket_group" not in conf["DEFAULT"]
+    assert conf["DEFAULT"]["allowed_origin_dirs"] == ""
+    assert conf["DEFAULT"]["allowed_origin_devices"] == "/dev/disk/by-path/ip-*-iscsi-*-lun-*"
+    assert conf["DEFAULT"]["allowed_cow_dirs"] == "/var/lib/vmthunder/cow"
     assert conf["cache"]["dir"] == "/var/lib/vmthunder/cache"
     ini = [c.split()[1:] for c in calls if c.startswith("iniset ")]
     assert ["/etc/nova/nova-cpu.conf", "DEFAULT", "compute_driver", "vmthunder.VMThunderDriver"] in ini

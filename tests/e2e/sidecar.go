@@ -77,7 +77,7 @@ func StartDaemon(bin, dir string, o DaemonOptions) (*Daemon, error) {
 state_dir = %s
 api_socket = %s
 nbd_socket_dir = %s
-socket_group = libvirt-qemu
+nbd_group = libvirt-qemu
 log_level = info
 
 [cache]

@@ -58,6 +58,8 @@ state_dir = %[1]s/state
 api_socket = %[1]s/run/api.sock
 nbd_socket_dir = %[1]s/run/nbd
 log_level = debug
+# the tests' images are in the temp dir
+allowed_origin_dirs = %[1]s
 
 [cache]
 dir = %[1]s/cache
