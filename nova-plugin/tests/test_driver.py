@@ -192,6 +192,41 @@ def connection_info(tgt):
     return {"driver_volume_type": "iscsi", "serial": vol_id, "data": data}
 
 
+def grow_lun(tgt, size):
+    """Cinder extended the volume: tgtd reads a file LUN's size when the LUN
+    is made, so grow the file and make the LUN again."""
+    os.truncate(tgt.backing, size)
+    tgt._adm("--mode", "logicalunit", "--op", "delete", "--tid", "1", "--lun", "1")
+    tgt._adm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", tgt.backing)
+
+
+def test_extend_of_a_stopped_guest_reaches_the_guest_at_its_next_start(nova_conf, node, domains):
+    """Cinder extended a volume attached to a stopped instance: nova's
+    extend_volume (unchanged nova code) has the sidecar re-read the size,
+    and the guest's next start sees it. The capability says so."""
+    from nova import context
+
+    tgt, src, _ = node
+    drv = driver_for(nova_conf, src)
+    assert drv.capabilities["supports_extend_volume"] is True
+    ci = connection_info(tgt)
+    vol_id = ci["serial"]
+    drv._connect_volume(None, ci, None, encryption={})
+    try:
+        conf = drv._get_volume_config(ci, {"dev": "vdb", "bus": "virtio", "type": "disk"})
+        dom = domains(conf.to_xml())  # defined, not running
+        size = os.path.getsize(tgt.backing)
+        grow_lun(tgt, size + (16 << 20))
+        drv.extend_volume(context.get_admin_context(), ci, instance_for(dom), size + (16 << 20))
+        client = drv.volume_drivers["iscsi"].connector.client
+        assert client.get_export(vol_id)["size"] == size + (16 << 20)
+        dom.dom.create()
+        assert dom.capacity("vdb") == size + (16 << 20)
+        dom.remove()
+    finally:
+        drv._disconnect_volume(None, ci, None, encryption={})
+
+
 def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
     """LibvirtDriver.attach_volume / detach_volume, unchanged nova code,
     with our volume driver underneath and a running QEMU."""
@@ -224,9 +259,12 @@ def test_live_attach_and_detach_through_the_driver(nova_conf, node, domains):
     # An online extend is refused before anything changes: QEMU cannot grow
     # an NBD disk, and a refresh would drop its connection to the sidecar.
     size = os.path.getsize(tgt.backing)
+    grow_lun(tgt, size + (8 << 20))
     with pytest.raises(exception.ExtendVolumeNotSupported):
         drv.extend_volume(ctx, ci, inst, size + (8 << 20))
     assert dom.capacity("sdb") == size
+    connector = drv.volume_drivers["iscsi"].connector
+    assert connector.client.get_export(vol_id)["size"] == size  # not refreshed
 
     # Nova finds the disk (by alias, then re-parsed by the plugin), detaches
     # it from the live domain (a SCSI disk needs no guest cooperation) and

@@ -13,6 +13,11 @@ conf.register(CONF)
 class VMThunderDriver(libvirt_driver.LibvirtDriver):
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi, read_only)
+        # Extending attached volumes: the capability is the host's, for
+        # every volume type it attaches. VMThunder volumes are extended
+        # through the sidecar's refresh while their guest is stopped, and
+        # refused while it runs (VMThunderVolumeDriver.extend_volume).
+        self.capabilities = dict(self.capabilities, supports_extend_volume=True)
         if CONF.vmthunder.enabled:
             # Nova fills volume_drivers lazily, per driver_volume_type, from
             # its own table; an entry set here is used instead.

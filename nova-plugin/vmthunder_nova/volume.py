@@ -1,6 +1,7 @@
 """Volume driver: the sidecar attaches the iSCSI volume, QEMU reads NBD."""
 
 from nova import conf as nova_conf
+from nova import exception
 from nova.virt.libvirt.volume import volume as libvirt_volume
 
 from vmthunder_brick import VMThunderConnector
@@ -36,12 +37,24 @@ class VMThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
         self.connector.disconnect_volume(_properties(connection_info), None, force=force)
 
     def extend_volume(self, connection_info, instance, requested_size):
-        # QEMU's NBD client cannot grow a disk ("Cannot grow NBD nodes"), and
-        # a sidecar refresh re-assembles the export, dropping the running
-        # QEMU's connection. Refuse: nova answers ExtendVolumeNotSupported
-        # and the guest keeps its disk; the connector's extend_volume is for
-        # callers with no running guest.
-        raise NotImplementedError("VMThunder NBD disks cannot grow while attached")
+        """Cinder extended an attached volume. With no QEMU running the
+        instance, the sidecar re-reads the volume's size (refresh) and the
+        next start of the guest opens the export at its new size; nova then
+        skips the block resize. A running QEMU cannot follow: its NBD
+        client cannot grow a disk ("Cannot grow NBD nodes"), and a refresh
+        re-assembles the export under it, cutting its connection. Then this
+        refuses before anything changes (nova answers
+        ExtendVolumeNotSupported); the guest sees the new size after a
+        stop and start."""
+        if self._qemu_running(instance):
+            raise NotImplementedError("VMThunder NBD disks cannot grow while the guest runs")
+        return self.connector.extend_volume(_properties(connection_info))
+
+    def _qemu_running(self, instance):
+        try:
+            return self.host.get_guest(instance).is_active()
+        except exception.InstanceNotFound:
+            return False  # no domain, no QEMU: nova itself reports it next
 
     def get_config(self, connection_info, disk_info):
         conf = config.NBDGuestDisk.from_disk(super().get_config(connection_info, disk_info))
