@@ -268,7 +268,7 @@ func TestCLI(t *testing.T) {
 	img, data := randomFile(t, p.dir, "tmpl.raw", 3<<20)
 
 	// warm a base before any export, with the progress bar on stderr.
-	_, errOut, code := p.cli("warm", "--origin", img, "tmpl")
+	_, errOut, code := p.cli("warm", "--origin", img, "--generation", "1", "tmpl")
 	if code != 0 {
 		t.Fatalf("warm: exit %d: %s", code, errOut)
 	}
@@ -283,11 +283,11 @@ func TestCLI(t *testing.T) {
 
 	// attach with a relative origin path; text output.
 	rel, _ := filepath.Rel(mustGetwd(t), img)
-	out := p.mustCLI("attach", "--id", "vm-a", "--origin", rel, "--base", "tmpl", "--mode", "readonly")
+	out := p.mustCLI("attach", "--id", "vm-a", "--origin", rel, "--base", "tmpl", "--generation", "1", "--mode", "readonly")
 	if !strings.Contains(out, "nbd+unix:///vm-a?socket=") || !strings.Contains(out, "readonly") {
 		t.Errorf("attach output: %s", out)
 	}
-	p.mustCLI("attach", "--id", "vm-b", "--origin", img, "--base", "tmpl")
+	p.mustCLI("attach", "--id", "vm-b", "--origin", img, "--base", "tmpl", "--generation", "1")
 	out = p.mustCLI("list")
 	if !strings.Contains(out, "vm-a") || !strings.Contains(out, "vm-b") || !strings.Contains(out, "cow") {
 		t.Errorf("list: %s", out)

@@ -131,3 +131,54 @@ func TestExportSocketGroup(t *testing.T) {
 		t.Fatalf("unknown group: served %v, exit %d: %s", served, code, se)
 	}
 }
+
+// Two processes cannot serve one COW store: the second is refused, so
+// neither can flush its own bitmap over the other's acknowledged writes.
+func TestExportRefusesCOWStoreInUse(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vmtx-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	base, _ := randomFile(t, dir, "base.img", 1<<20)
+	store := filepath.Join(dir, "vm.cow")
+	startExport(t, filepath.Join(dir, "a.sock"), "--cow", store, base)
+	se, code, served := runBounded(t, "export", "--socket", filepath.Join(dir, "b.sock"), "--cow", store, base)
+	if served || code == 0 || !strings.Contains(se, "in use") {
+		t.Fatalf("second export of one cow store: served %v, exit %d: %s", served, code, se)
+	}
+}
+
+// A cached export of a volume does not outlive the volume's change: the
+// next run serves the new bytes. A template generation's cache is kept.
+func TestExportCacheCoherency(t *testing.T) {
+	dir, err := os.MkdirTemp("", "vmtx-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	src, _ := randomFile(t, dir, "vol.img", 1<<20)
+	cache := filepath.Join(dir, "cache")
+	read := func(args ...string) []byte {
+		sock := filepath.Join(dir, "d.sock")
+		cmd, _ := startExport(t, sock, append([]string{"--cache", cache}, append(args, src)...)...)
+		out := filepath.Join(dir, "out.raw")
+		if b, err := exec.Command("nbdcopy", "nbd+unix:///?socket="+sock, out).CombinedOutput(); err != nil {
+			t.Fatalf("nbdcopy: %v %s", err, b)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		b, _ := os.ReadFile(out)
+		return b
+	}
+	read()
+	_, want := randomFile(t, dir, "vol.img", 1<<20)
+	if !bytes.Equal(read(), want) {
+		t.Fatal("a volume's cache served bytes from before the volume changed")
+	}
+	tmpl := read("--base", "img", "--generation", "1")
+	randomFile(t, dir, "vol.img", 1<<20)
+	if !bytes.Equal(read("--base", "img", "--generation", "1"), tmpl) {
+		t.Fatal("a template generation's cache was not kept")
+	}
+}
