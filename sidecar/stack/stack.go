@@ -73,10 +73,10 @@ var ErrNotBuilt = errors.New("layer not built yet")
 type Export struct {
 	blockdev.Device
 	mode   Mode
-	baseID string     // "" without a cache
-	base   *cache.Ref   // nil without a cache
-	cow    *cow.Dev     // nil unless Mode is cow
-	meter  *metrics.Dev // nil without Options.Metrics
+	baseID string          // "" without a cache
+	base   *cache.Ref      // nil without a cache
+	cow    *cow.Dev        // nil unless Mode is cow
+	meter  *metrics.Dev    // nil without Options.Metrics
 	upper  blockdev.Device // the writable layer (cow, write-through), nil without one
 	below  blockdev.Device
 }
