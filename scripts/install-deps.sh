@@ -15,7 +15,7 @@ apt-get install -y -q --no-install-recommends \
   tgt libiscsi-dev libiscsi-bin \
   libvirt-dev libvirt-daemon-system libvirt-clients \
   qemu-system-x86 qemu-utils qemu-block-extra \
-  nbdkit libnbd-bin fio \
+  nbdkit libnbd-bin python3-libnbd fio \
   busybox-static linux-image-amd64 e2fsprogs cpio \
   iproute2 prometheus procps psmisc util-linux sudo curl passwd
 

@@ -69,6 +69,9 @@ type Daemon struct {
 
 	reg  *prometheus.Registry
 	mset *metrics.Set
+	// nbdMemory bounds the request buffers of every export's NBD server
+	// together (each export has its own bound too).
+	nbdMemory *nbd.MemoryBudget
 
 	mu      sync.Mutex
 	exports map[string]*export
@@ -126,7 +129,8 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 	}
 	d := &Daemon{cfg: cfg, log: log, mgr: mgr, lock: lk,
 		exports: map[string]*export{}, warms: map[string]*warmJob{},
-		reg: prometheus.NewRegistry(), RetryInterval: 10 * time.Second}
+		reg: prometheus.NewRegistry(), RetryInterval: 10 * time.Second,
+		nbdMemory: nbd.NewMemoryBudget(nbd.DefaultServerMemory)}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.mset = metrics.NewSet(d.reg)
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), &collector{d: d})
@@ -317,7 +321,7 @@ func (d *Daemon) open(e *export) error {
 		return fmt.Errorf("stack.Build returned %T, not *stack.Export", dev)
 	}
 	top := ex.Metrics()
-	srv := nbd.NewServer(d.log.WithField("export", r.ID))
+	srv := nbd.NewServer(d.log.WithField("export", r.ID), nbd.WithMemoryBudget(d.nbdMemory))
 	if err := srv.Add(r.ID, ex); err != nil {
 		ex.Close()
 		d.mset.Forget(r.ID) // the stack made the export's series
