@@ -196,6 +196,13 @@ func (d *Daemon) checkCow(p string) (string, error) {
 	return resolved, nil
 }
 
+// cowAllowed says whether the daemon may create or remove a COW store at
+// p under the current config.
+func (d *Daemon) cowAllowed(p string) bool {
+	_, err := d.checkCow(p)
+	return err == nil
+}
+
 func mustRel(base, p string) string {
 	r, err := filepath.Rel(base, p)
 	if err != nil {

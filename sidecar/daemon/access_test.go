@@ -250,6 +250,11 @@ func TestAccessCow(t *testing.T) {
 	if len(ents) != 1 {
 		t.Errorf("the daemon created files outside allowed_cow_dirs: %v", ents)
 	}
+	// Refused before a create marks a new store (which a failed create or
+	// the next start would remove).
+	if marks, _ := os.ReadDir(filepath.Join(e.cfg.StateDir, "creating")); len(marks) != 0 {
+		t.Errorf("create markers left for refused stores: %v", marks)
+	}
 	if st, _ := os.Stat(victim); st.Size() != 0 {
 		t.Errorf("victim grown to %d", st.Size())
 	}

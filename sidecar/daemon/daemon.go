@@ -416,6 +416,13 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 		delete(d.exports, r.ID)
 		d.mu.Unlock()
 	}
+	// A refused path is never marked, created or removed (access.go;
+	// open checks again, as at restart).
+	if err := d.checkAccess(r); err != nil {
+		forget()
+		log.WithError(err).Warn("create export refused")
+		return nil, classify(err)
+	}
 	newStore := false
 	if r.CowPath != "" {
 		var err error

@@ -69,7 +69,7 @@ func (d *Daemon) reconcile(recs []Record) {
 			p := filepath.Join(d.creatingDir(), id)
 			raw, err := os.ReadFile(p)
 			store := string(raw)
-			if r, ok := owned[id]; err == nil && (!ok || r.CowPath != store) && filepath.IsAbs(store) {
+			if r, ok := owned[id]; err == nil && (!ok || r.CowPath != store) && filepath.IsAbs(store) && d.cowAllowed(store) {
 				if err := stack.RemoveCOW(store); err != nil {
 					d.log.WithError(err).WithFields(map[string]any{"export": id, "cow_path": store}).Warn("could not remove the cow store of an unfinished create")
 				} else {
