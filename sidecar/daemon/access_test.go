@@ -94,6 +94,12 @@ func TestAccessOrigins(t *testing.T) {
 		t.Errorf("%d exports, want the 2 allowed ones: %+v", len(l), l)
 	}
 
+	// A warm-up opens its origin the same way.
+	_, err = e.c.Warm(ctx(t), "tmpl", &api.WarmRequest{Origin: "/etc/shadow", Generation: "1"})
+	wantForbidden(t, "warm /etc/shadow", err, "allowed_origin_dirs")
+	_, err = e.c.Warm(ctx(t), "tmpl", &api.WarmRequest{Origin: imgs + "/shadow", Generation: "1"})
+	wantForbidden(t, "warm symlink escape", err, "outside allowed_origin_dirs")
+
 	// iSCSI origins are not local paths: not refused by the check (they
 	// may still fail to connect).
 	for _, r := range []Record{

@@ -48,6 +48,10 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		if err := api.ValidGeneration(req.Generation); err != nil {
 			return nil, err
 		}
+		// The request's origin is opened as root like an export's (access.go).
+		if err := d.checkAccess(Record{Origin: req.Origin, ConnectionInfo: req.ConnectionInfo}); err != nil {
+			return nil, classify(err)
+		}
 		opts = stack.Options{Origin: origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo},
 			Mode: stack.ModeReadOnly, Manager: d.mgr, Template: base, Generation: req.Generation}
 	}
