@@ -6,18 +6,27 @@
 #   export  - `vmthunder export iscsi://` read by fio's nbd engine vs
 #             iscsi-perf, and vs qemu-nbd exporting the same iscsi:// URL
 #             (the tool the export replaces), both read by the same fio job
+#   daemon  - the same LUN attached through a `vmthunder daemon` as Nova
+#             does (API create, mode cow, a base cache, the metrics layer),
+#             COLD (a new daemon, empty cache) and WARM (cache filled by
+#             `vmthunder warm` before the run), read by the same fio job
 # Read rows are medians of alternating runs (sequential 1 MiB: 3, random
 # 4 KiB: 5; the whole-LUN copy runs once). Random rows come twice: with every
 # process sharing all CPUs, and with tgtd alone on the last CPU (as on a
 # storage node of its own; everything else on the others). When they
 # share, the target and the NBD client take most of the CPU, so the CPU
-# table shows where each 4 KiB read's time goes. About 7 minutes.
+# table shows where each 4 KiB read's time goes. About 9 minutes.
+# For quicker runs while working: BENCH_KINDS (a subset of the random-row
+# readers, e.g. "perf ours qemu-nbd daemon-warm"), BENCH_SPLIT=0 (no tgtd
+# own-CPU rows), BENCH_SEQ=0 (no sequential or copy rows).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=${BENCH_TIME:-4}
 RUNS=${BENCH_RUNS:-5}
 SEQ_RUNS=${BENCH_SEQ_RUNS:-3}
 SIZE=${BENCH_SIZE:-1G}
+DO_SEQ=${BENCH_SEQ:-1}
+DO_SPLIT=${BENCH_SPLIT:-1}
 # shellcheck disable=SC1091
 . tests/bench/lib.sh
 workdir iscsi
@@ -77,8 +86,8 @@ perf() { # blocks-per-request [-r]
 }
 
 # fio's nbd engine against a socket. Prints "MiB/s ios client-ticks".
-fiojob() { # socket rw bs
-  "${ON[@]}" fio --name=x --ioengine=nbd --uri="nbd+unix:///?socket=$1" --size="$BYTES" --rw="$2" --bs="$3" \
+fiojob() { # socket rw bs [export-name]
+  "${ON[@]}" fio --name=x --ioengine=nbd --uri="nbd+unix:///${4:-}?socket=$1" --size="$BYTES" --rw="$2" --bs="$3" \
     --iodepth=32 --time_based --runtime="$T" --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 s=sys.stdin.read(); j=json.loads(s[s.index("{"):])["jobs"][0]
@@ -104,20 +113,55 @@ export_run() {
   wait "$pid" 2>/dev/null || true
 }
 
+# daemon_run cold|warm rw bs: a `vmthunder daemon` of its own (temp config,
+# state and cache under WORK), the LUN attached through its API as Nova
+# does (mode cow, template bench-lun generation 1), for one fio job; warm
+# fills the cache with `vmthunder warm` first. The daemon's CPU is counted
+# over the fio job only. Prints "MiB/s ios server-ticks client-ticks
+# target-ticks".
+daemon_run() {
+  local d="$WORK/daemon-$1" pid s0 t0 res base
+  rm -rf "$d"
+  mkdir -p "$d"
+  printf '%s\n' "[DEFAULT]" "state_dir = $d/state" "api_socket = $d/api.sock" "nbd_socket_dir = $d/nbd" \
+    "log_level = warning" "[cache]" "dir = $d/cache" "chunk_size = 256K" >"$d/vmthunder.conf"
+  "${ON[@]}" "$BIN" daemon --config "$d/vmthunder.conf" >"$WORK/daemon-$1.log" 2>&1 &
+  pid=$!
+  wait_sock "$d/api.sock" || { cat "$WORK/daemon-$1.log" >&2; kill "$pid"; return 1; }
+  if ! base=$(VMTHUNDER_SOCKET="$d/api.sock" "$BIN" attach --id vm1 --origin "$URL" --base bench-lun --generation 1 --mode cow --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["base"])') ||
+    { [ "$1" = warm ] && ! VMTHUNDER_SOCKET="$d/api.sock" "$BIN" warm -q "$base" >/dev/null; } ||
+    ! wait_sock "$d/nbd/vm1.sock"; then
+    cat "$WORK/daemon-$1.log" >&2
+    kill "$pid"
+    return 1
+  fi
+  s0=$(ticks "$pid")
+  t0=$(ticks "$TGTD")
+  res=$(fiojob "$d/nbd/vm1.sock" "$2" "$3" vm1)
+  echo "$res $(($(ticks "$pid") - s0)) $(($(ticks "$TGTD") - t0))" | awk '{print $1, $2, $4, $3, $5}'
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$d"
+}
+
 # Sequential 1 MiB: medians of alternating runs (one run alone swung by a
 # third between bench runs).
 SEQ_P=() SEQ_O=() SEQ_E=() SEQ_Q=()
+[ "$DO_SEQ" = 1 ] || SEQ_RUNS=0
 for _ in $(seq "$SEQ_RUNS"); do
   read -r bw _ < <(perf 2048); SEQ_P+=("$bw")
   SEQ_O+=("$("$WORK/qdread" -qd 32 -bs 1048576 -time "${T}s" "$URL" | awk '{print $1}')")
   read -r bw _ < <(export_run ours read 1M); SEQ_E+=("$bw")
   read -r bw _ < <(export_run qemu-nbd read 1M); SEQ_Q+=("$bw")
 done
-P_SEQ=$(median "${SEQ_P[@]}") O_SEQ=$(median "${SEQ_O[@]}")
-E_SEQ=$(median "${SEQ_E[@]}") Q_SEQ=$(median "${SEQ_Q[@]}")
+if [ "$DO_SEQ" = 1 ]; then
+  P_SEQ=$(median "${SEQ_P[@]}") O_SEQ=$(median "${SEQ_O[@]}")
+  E_SEQ=$(median "${SEQ_E[@]}") Q_SEQ=$(median "${SEQ_Q[@]}")
+fi
 
 # Random 4 KiB: alternating runs, medians, in both placements.
-KINDS=(perf origin ours ours-1p qemu-nbd)
+read -r -a KINDS <<<"${BENCH_KINDS:-perf origin ours ours-1p qemu-nbd daemon-cold daemon-warm}"
 declare -A BW IOS SRV CLI TGT
 random_runs() { # placement
   local k bw ios srv cli tg t0
@@ -131,6 +175,7 @@ random_runs() { # placement
           read -r bw ios srv < <("${ON[@]}" /usr/bin/time -f '%U %S' "$WORK/qdread" -qd 32 -bs 4096 -random -time "${T}s" "$URL" 2>&1 |
             awk -v t="$T" '/MiB\/s/ { bw = $1; ios = $3 * t } NF == 2 && $1 ~ /^[0-9.]+$/ { cpu = ($1 + $2) * 100 } END { printf "%s %d %d\n", bw, ios, cpu }')
           tg=$(($(ticks "$TGTD") - t0)); cli=0 ;;
+        daemon-cold | daemon-warm) read -r bw ios srv cli tg < <(daemon_run "${k#daemon-}" randread 4k) ;;
         *) read -r bw ios srv cli tg < <(export_run "$k" randread 4k) ;;
       esac
       BW[$1.$k]+="$bw "; IOS[$1.$k]+="$ios "; SRV[$1.$k]+="$srv "; CLI[$1.$k]+="$cli "; TGT[$1.$k]+="$tg "
@@ -140,37 +185,53 @@ random_runs() { # placement
 }
 random_runs shared
 SPLIT=no
-if [ "$NCPU" -ge 2 ]; then
+if [ "$NCPU" -ge 2 ] && [ "$DO_SPLIT" = 1 ]; then
   random_runs split
   SPLIT=yes
 fi
+# R placement.kind: the median MiB/s, or "" when that reader did not run.
 # shellcheck disable=SC2086
-R() { median ${BW[$1]}; }
+R() { if [ -n "${BW[$1]:-}" ]; then median ${BW[$1]}; fi; }
+# rrow NAME OURS ANCHOR NOTE: a row when both figures were measured.
+rrow() { if [ -n "$2" ] && [ -n "$3" ]; then row "$@"; fi; }
 
-row "seq read 1MiB QD32 origin (MiB/s)" "$O_SEQ" "$P_SEQ" "vs iscsi-perf"
-row "rand read 4KiB QD32 origin (MiB/s)" "$(R shared.origin)" "$(R shared.perf)" "vs iscsi-perf"
+if [ "$DO_SEQ" = 1 ]; then
+  row "seq read 1MiB QD32 origin (MiB/s)" "$O_SEQ" "$P_SEQ" "vs iscsi-perf"
+fi
+rrow "rand read 4KiB QD32 origin (MiB/s)" "$(R shared.origin)" "$(R shared.perf)" "vs iscsi-perf"
 
-# Whole-LUN copy: qdread to the end vs qemu-img convert (16 coroutines,
-# out of order) into a null device.
-t0=$(date +%s.%N)
-"$WORK/qdread" -qd 16 -bs 2097152 -time 600s "$URL" >/dev/null
-t1=$(date +%s.%N)
-qemu-img convert -n -W -m 16 -f raw "$URL" --target-image-opts "driver=null-co,size=$BYTES"
-t2=$(date +%s.%N)
-O_CP=$(awk -v b="$BYTES" -v a="$t0" -v z="$t1" 'BEGIN { printf "%.1f", b / (z - a) / 1048576 }')
-Q_CP=$(awk -v b="$BYTES" -v a="$t1" -v z="$t2" 'BEGIN { printf "%.1f", b / (z - a) / 1048576 }')
-row "copy whole LUN origin (MiB/s)" "$O_CP" "$Q_CP" "vs qemu-img convert"
+if [ "$DO_SEQ" = 1 ]; then
+  # Whole-LUN copy: qdread to the end vs qemu-img convert (16 coroutines,
+  # out of order) into a null device.
+  t0=$(date +%s.%N)
+  "$WORK/qdread" -qd 16 -bs 2097152 -time 600s "$URL" >/dev/null
+  t1=$(date +%s.%N)
+  qemu-img convert -n -W -m 16 -f raw "$URL" --target-image-opts "driver=null-co,size=$BYTES"
+  t2=$(date +%s.%N)
+  O_CP=$(awk -v b="$BYTES" -v a="$t0" -v z="$t1" 'BEGIN { printf "%.1f", b / (z - a) / 1048576 }')
+  Q_CP=$(awk -v b="$BYTES" -v a="$t1" -v z="$t2" 'BEGIN { printf "%.1f", b / (z - a) / 1048576 }')
+  row "copy whole LUN origin (MiB/s)" "$O_CP" "$Q_CP" "vs qemu-img convert"
 
-row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$P_SEQ" "vs iscsi-perf"
-row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$Q_SEQ" "vs qemu-nbd export"
-row "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.perf)" "vs iscsi-perf"
-row "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
-row "rand read 4KiB QD32 export GOMAXPROCS=1" "$(R shared.ours-1p)" "$(R shared.perf)" "vs iscsi-perf"
+  row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$P_SEQ" "vs iscsi-perf"
+  row "seq read 1MiB QD32 export (MiB/s)" "$E_SEQ" "$Q_SEQ" "vs qemu-nbd export"
+fi
+rrow "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.perf)" "vs iscsi-perf"
+rrow "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
+rrow "rand read 4KiB QD32 export GOMAXPROCS=1" "$(R shared.ours-1p)" "$(R shared.perf)" "vs iscsi-perf"
+for c in cold warm; do
+  rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.perf)" "vs iscsi-perf"
+  rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
+  rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.ours)" "vs vmthunder export"
+done
 if [ "$SPLIT" = yes ]; then
-  row "tgtd own CPU: rand 4KiB origin (MiB/s)" "$(R split.origin)" "$(R split.perf)" "vs iscsi-perf"
-  row "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.perf)" "vs iscsi-perf"
-  row "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
-  row "tgtd own CPU: rand 4KiB export 1 proc" "$(R split.ours-1p)" "$(R split.perf)" "vs iscsi-perf"
+  rrow "tgtd own CPU: rand 4KiB origin (MiB/s)" "$(R split.origin)" "$(R split.perf)" "vs iscsi-perf"
+  rrow "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.perf)" "vs iscsi-perf"
+  rrow "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
+  rrow "tgtd own CPU: rand 4KiB export 1 proc" "$(R split.ours-1p)" "$(R split.perf)" "vs iscsi-perf"
+  for c in cold warm; do
+    rrow "tgtd own CPU: rand 4KiB daemon $c" "$(R split.daemon-$c)" "$(R split.perf)" "vs iscsi-perf"
+    rrow "tgtd own CPU: rand 4KiB daemon $c" "$(R split.daemon-$c)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
+  done
 fi
 
 for k in "${KINDS[@]}"; do
@@ -182,6 +243,8 @@ printf '%-44s %10s %10s %6s\n' "test" "ours" "anchor" "ratio"
 printf '%s\n' "${ROWS[@]}"
 echo "random rows: median of $RUNS alternating runs of ${T}s, sequential rows of $SEQ_RUNS; anchors: iscsi-perf (raw libiscsi), qemu-img convert, qemu-nbd"
 echo "\"tgtd own CPU\": tgtd pinned to CPU $((NCPU - 1)), every other process to the rest; goal ratio >= 0.80 vs iscsi-perf"
+echo "daemon: the LUN attached through \`vmthunder daemon\` (mode cow, 256 KiB chunks, metrics layer); cold: a new daemon, empty cache; warm: cache filled first"
+echo "daemon goal: >= 1.2x qemu-nbd and >= 0.8x iscsi-perf, sidecar CPU <= 12 us per read (CPU table, initiator column)"
 echo
 echo "CPU per 4 KiB random read (us), medians, all parties sharing the machine's $NCPU CPUs:"
 printf '%-30s %10s %10s %10s %10s\n' "reader" "initiator" "NBD client" "tgtd" "total"
@@ -191,6 +254,6 @@ echo
 echo "random 4 KiB runs (MiB/s), in order:"
 for p in shared split; do
   for k in "${KINDS[@]}"; do
-    [ -n "${BW[$p.$k]:-}" ] && printf '  %-16s %s\n' "$p.$k" "${BW[$p.$k]}"
+    if [ -n "${BW[$p.$k]:-}" ]; then printf '  %-16s %s\n' "$p.$k" "${BW[$p.$k]}"; fi
   done
 done

@@ -87,28 +87,61 @@ type Counters struct {
 // Dev counts requests to the device below. Close closes the device below:
 // the layer owns it.
 type Dev struct {
-	next blockdev.Device
-	set  *Set
-	name string
+	next  blockdev.Device
+	async blockdev.AsyncReader // next's asynchronous read path, or nil
+	set   *Set
+	name  string
 
 	readOps, writeOps, readBytes, writeBytes, errors atomic.Uint64
 	inflight                                         atomic.Int64
 	gInflight                                        prometheus.Gauge
+	// The read series, looked up once: reads are most requests, and a
+	// label lookup per request costs more than the counting.
+	rOps, rBytes prometheus.Counter
+	rLatency     prometheus.Observer
 }
 
 // Wrap puts the counting layer over dev for the export named name. set may
 // be nil (counters only, no Prometheus series).
 func Wrap(dev blockdev.Device, set *Set, name string) *Dev {
-	d := &Dev{next: dev, set: set, name: name}
+	d := &Dev{next: dev, async: blockdev.AsyncOf(dev), set: set, name: name}
 	if set != nil {
 		d.gInflight = set.inflight.WithLabelValues(name)
+		d.rOps = set.ops.WithLabelValues(name, OpRead)
+		d.rBytes = set.bytes.WithLabelValues(name, OpRead)
+		d.rLatency = set.latency.WithLabelValues(OpRead)
 	}
 	return d
 }
 
-// Dev has no Unwrap on purpose: it is not a pure wrapper, and the NBD
-// server would send reads to an asynchronous path below (blockdev.AsyncOf)
-// without counting them.
+// Unwrap returns the counted asynchronous read path when the device below
+// has one (blockdev.AsyncOf), nil otherwise. Dev is not a pure wrapper, so
+// it never hands out the device below: the path it returns is Dev itself
+// with ReadAtAsync, which counts a read as ReadAt does.
+func (d *Dev) Unwrap() blockdev.Device {
+	if d.async == nil {
+		return nil
+	}
+	return countedAsync{d}
+}
+
+// countedAsync is a Dev seen through its asynchronous read path.
+type countedAsync struct{ *Dev }
+
+func (a countedAsync) ReadAtAsync(p []byte, off int64, done func(error)) {
+	d := a.Dev
+	t := d.begin()
+	d.async.ReadAtAsync(p, off, func(err error) {
+		n := len(p)
+		if err != nil {
+			n = 0
+		}
+		d.endRead(t, n, err)
+		done(err)
+	})
+}
+
+func (a countedAsync) Unplug() { a.async.Unplug() }
 
 // Counters returns the export's totals.
 func (d *Dev) Counters() Counters {
@@ -171,10 +204,30 @@ func Cause(err error) string {
 func (d *Dev) ReadAt(p []byte, off int64) (int, error) {
 	t := d.begin()
 	n, err := d.next.ReadAt(p, off)
+	d.endRead(t, n, err)
+	return n, err
+}
+
+// endRead is end for a read, with the read series looked up at Wrap.
+func (d *Dev) endRead(start time.Time, n int, err error) {
 	d.readOps.Add(1)
 	d.readBytes.Add(uint64(n))
-	d.end(OpRead, t, int64(n), err)
-	return n, err
+	d.inflight.Add(-1)
+	if err != nil {
+		d.errors.Add(1)
+	}
+	if d.set == nil {
+		return
+	}
+	d.gInflight.Dec()
+	d.rOps.Inc()
+	if n > 0 {
+		d.rBytes.Add(float64(n))
+	}
+	d.rLatency.Observe(time.Since(start).Seconds())
+	if err != nil {
+		d.set.errs.WithLabelValues(d.name, OpRead, Cause(err)).Inc()
+	}
 }
 
 func (d *Dev) WriteAt(p []byte, off int64) (int, error) {

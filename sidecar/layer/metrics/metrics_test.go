@@ -177,3 +177,45 @@ func TestAsyncReadsAreCounted(t *testing.T) {
 		t.Fatalf("a read the server sent was not counted: %+v", c)
 	}
 }
+
+// Over a device without an asynchronous path the NBD server keeps its
+// workers (blockdev.AsyncOf finds nothing); over one with it, the series
+// count reads taken there as ReadAt's, errors included.
+func TestAsyncPath(t *testing.T) {
+	if a := blockdev.AsyncOf(Wrap(memdev.New(4096), nil, "x")); a != nil {
+		t.Fatalf("asynchronous path %T over a synchronous device", a)
+	}
+	reg := prometheus.NewRegistry()
+	d := Wrap(asyncDev{memdev.New(8192)}, NewSet(reg), "vm1")
+	a := blockdev.AsyncOf(d)
+	if a == nil {
+		t.Fatal("no asynchronous path over a device that has one")
+	}
+	var errs []error
+	for _, off := range []int64{0, 4096, 8192} {
+		a.ReadAtAsync(make([]byte, 4096), off, func(err error) { errs = append(errs, err) })
+	}
+	a.Unplug()
+	if len(errs) != 3 || errs[0] != nil || errs[1] != nil || !errors.Is(errs[2], blockdev.ErrOutOfRange) {
+		t.Fatalf("errors %v", errs)
+	}
+	if c := d.Counters(); c.ReadOps != 3 || c.ReadBytes != 8192 || c.Errors != 1 || c.InFlight != 0 {
+		t.Fatalf("counters %+v", c)
+	}
+	mfs := gather(t, reg)
+	for _, tc := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"vmthunder_export_requests_total", map[string]string{"export": "vm1", "op": "read"}, 3},
+		{"vmthunder_export_bytes_total", map[string]string{"export": "vm1", "op": "read"}, 8192},
+		{"vmthunder_export_errors_total", map[string]string{"export": "vm1", "op": "read", "cause": "out_of_range"}, 1},
+		{"vmthunder_export_inflight_requests", map[string]string{"export": "vm1"}, 0},
+		{"vmthunder_request_duration_seconds", map[string]string{"op": "read"}, 3},
+	} {
+		if got := value(t, mfs, tc.name, tc.labels); got != tc.want {
+			t.Errorf("%s%v = %v, want %v", tc.name, tc.labels, got, tc.want)
+		}
+	}
+}
