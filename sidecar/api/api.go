@@ -19,6 +19,16 @@ const (
 	ModeReadOnly     = "readonly"
 )
 
+// Modes lists every mode an export can have.
+var Modes = []string{ModeCOW, ModeWriteThrough, ModeReadOnly}
+
+// Export states.
+const (
+	StateCreating = "creating" // being built (or re-created after a restart)
+	StateReady    = "ready"
+	StateError    = "error" // could not be re-created after a restart; retried
+)
+
 // CreateRequest is the body of POST /v1/exports.
 type CreateRequest struct {
 	ID string `json:"id"`

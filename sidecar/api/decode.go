@@ -120,7 +120,7 @@ func (req *CreateRequest) Validate() error {
 	switch req.Mode {
 	case "":
 		return BadRequest(CodeMissingField, "missing field \"mode\" (cow, write-through or readonly)")
-	case ModeCOW, ModeWriteThrough, ModeReadOnly:
+	case ModeCOW, ModeWriteThrough, ModeReadOnly: // Modes
 	default:
 		return BadRequest(CodeInvalid, "unknown mode %q (want cow, write-through or readonly)", req.Mode)
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"gopkg.in/ini.v1"
+
+	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 )
 
 // Config is the daemon's configuration after defaults and validation.
@@ -69,7 +71,7 @@ func Defaults() *Config {
 		// that names the host's own disks too.
 		AllowedOriginDevices: append([]string(nil), DefaultOriginDevices...),
 		LogLevel:             logrus.InfoLevel,
-		ChunkSize:            256 << 10,
+		ChunkSize:            cache.DefaultChunkSize,
 	}
 }
 

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vmthunder/vmthunder/sidecar/api"
 )
 
 // collector reads the daemon's state at each scrape: exports, caches and
@@ -88,7 +89,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	defer d.mu.Unlock()
 	type ms struct{ mode, state string }
 	counts := map[ms]int{}
-	for _, m := range []string{"cow", "write-through", "readonly"} {
+	for _, m := range api.Modes {
 		for _, s := range []string{stateReady, stateError} {
 			counts[ms{m, s}] = 0 // present at zero, so rate() and alerts see them
 		}

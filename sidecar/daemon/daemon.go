@@ -42,9 +42,9 @@ var Version = "dev"
 
 // Export states.
 const (
-	stateCreating = "creating"
-	stateReady    = "ready"
-	stateError    = "error"
+	stateCreating = api.StateCreating
+	stateReady    = api.StateReady
+	stateError    = api.StateError
 )
 
 // export is one entry of the table. Fields other than rec are guarded by
@@ -311,14 +311,9 @@ func (d *Daemon) open(e *export) error {
 			return fmt.Errorf("cow_path directory: %w", err)
 		}
 	}
-	dev, err := stack.Build(d.options(r))
+	ex, err := stack.Build(d.options(r))
 	if err != nil {
 		return err
-	}
-	ex, ok := dev.(*stack.Export)
-	if !ok {
-		dev.Close()
-		return fmt.Errorf("stack.Build returned %T, not *stack.Export", dev)
 	}
 	top := ex.Metrics()
 	srv := nbd.NewServer(d.log.WithField("export", r.ID), nbd.WithMemoryBudget(d.nbdMemory))
@@ -500,22 +495,32 @@ func notFound(id string) error {
 	return api.Errorf(http.StatusNotFound, api.CodeNotFound, "no export %q", id)
 }
 
-// acquire marks an existing, idle export busy.
+// acquire marks an existing, idle export busy. An export in state error
+// may be busy only because the retry loop is trying it again, briefly:
+// that is waited out rather than answered "busy".
 func (d *Daemon) acquire(id string) (*export, error) {
+	deadline := time.Now().Add(5 * time.Second)
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	e := d.exports[id]
-	switch {
-	case e == nil:
-		return nil, notFound(id)
-	case e.busy:
-		return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is busy (%s); try again", id, e.state)
-	case d.closed:
-		return nil, api.Errorf(http.StatusServiceUnavailable, api.CodeConflict, "daemon is shutting down")
+	for {
+		e := d.exports[id]
+		switch {
+		case e == nil:
+			return nil, notFound(id)
+		case d.closed:
+			return nil, api.Errorf(http.StatusServiceUnavailable, api.CodeConflict, "daemon is shutting down")
+		case e.busy && e.state == stateError && time.Now().Before(deadline):
+			d.mu.Unlock()
+			time.Sleep(20 * time.Millisecond)
+			d.mu.Lock()
+			continue
+		case e.busy:
+			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is busy (%s); try again", id, e.state)
+		}
+		e.busy = true
+		d.ops.Add(1)
+		return e, nil
 	}
-	e.busy = true
-	d.ops.Add(1)
-	return e, nil
 }
 
 // Delete stops and forgets an export. deleteCOW also removes its COW

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cow"
@@ -26,11 +27,11 @@ import (
 type Mode string
 
 const (
-	ModeReadOnly     Mode = "readonly"
-	ModeCOW          Mode = "cow"
-	ModeWriteThrough Mode = "write-through"
+	ModeReadOnly     Mode = api.ModeReadOnly
+	ModeCOW          Mode = api.ModeCOW
+	ModeWriteThrough Mode = api.ModeWriteThrough
 	// ModeDirect writes straight to the origin (no cache); `vmthunder export`
-	// of a plain file without --cache.
+	// of a plain file without --cache. The API does not offer it.
 	ModeDirect Mode = "direct"
 )
 
@@ -187,7 +188,7 @@ func (o Options) Base() (string, cache.Binding, error) {
 }
 
 // Build opens the origin and stacks the layers Options asks for.
-func Build(o Options) (blockdev.Device, error) {
+func Build(o Options) (*Export, error) {
 	mode, err := o.ResolveMode()
 	if err != nil {
 		return nil, err

@@ -137,7 +137,7 @@ func torture(t *testing.T, tc tortureCase, dur time.Duration) {
 	if ops.Load() < 1000 {
 		t.Fatalf("only %d ops ran", ops.Load())
 	}
-	if c := dev.(*Export).Cache(); c != nil {
+	if c := dev.Cache(); c != nil {
 		st := c.Stats()
 		t.Logf("cache stats %+v", st)
 		if st.Hits == 0 || st.Fills == 0 {
@@ -167,7 +167,7 @@ func torture(t *testing.T, tc tortureCase, dur time.Duration) {
 		t.Fatal(err)
 	}
 	defer dev.Close()
-	if c := dev.(*Export).Cache(); c != nil {
+	if c := dev.Cache(); c != nil {
 		kept := c.Stats().ChunksPresent > 0
 		if want := opts.Template != ""; kept != want {
 			t.Fatalf("cache kept across close: %v, want %v", kept, want)
@@ -299,7 +299,7 @@ func TestSharedBase(t *testing.T) {
 			opened.Add(1)
 			return originCounter{memdev.FromBytes(data, s.ReadOnly), &closed}, nil
 		}}
-	var devs []blockdev.Device
+	var devs []*Export
 	for i := 0; i < 3; i++ {
 		o := opts
 		o.CowPath = filepath.Join(dir, fmt.Sprintf("vm%d.cow", i))
@@ -312,7 +312,7 @@ func TestSharedBase(t *testing.T) {
 	if opened.Load() != 1 {
 		t.Fatalf("origin opened %d times for 3 exports of one base, want 1", opened.Load())
 	}
-	if devs[0].(*Export).Cache().Base != devs[2].(*Export).Cache().Base {
+	if devs[0].Cache().Base != devs[2].Cache().Base {
 		t.Fatal("exports of one base got different caches")
 	}
 	buf := make([]byte, 4096)
@@ -325,7 +325,7 @@ func TestSharedBase(t *testing.T) {
 			t.Fatalf("export %d sees %q: a VM's write leaked or was lost", i, buf[:3])
 		}
 	}
-	if st := devs[1].(*Export).Cache().Stats(); st.Fills != 1 || st.Hits != 2 {
+	if st := devs[1].Cache().Stats(); st.Fills != 1 || st.Hits != 2 {
 		t.Fatalf("want 1 fill and 2 hits for three reads of one chunk, got %+v", st)
 	}
 	for i, d := range devs {
@@ -390,7 +390,7 @@ func TestCacheDirShared(t *testing.T) {
 		t.Fatalf("second export of one base by CacheDir: %v", err)
 	}
 	defer b.Close()
-	if a.(*Export).Cache().Base != b.(*Export).Cache().Base {
+	if a.Cache().Base != b.Cache().Base {
 		t.Fatal("not shared")
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/internal/unixsock"
+	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/layer/delay"
 	"github.com/vmthunder/vmthunder/sidecar/nbd"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
@@ -35,7 +36,7 @@ func runExport(args []string) error {
 	cacheDir := fs.String("cache", "", "copy-on-read base cache directory")
 	template := fs.String("base", "", "with --cache: SOURCE is this template's read-only content, whose cache is kept for the next export (default: SOURCE is a volume, whose cache is dropped at exit)")
 	generation := fs.String("generation", "", "the template's content version (required with --base)")
-	chunk := fs.String("chunk-size", "", "cache chunk size (e.g. 256K; default: the cache's or 256K)")
+	chunk := fs.String("chunk-size", "", fmt.Sprintf("cache chunk size (e.g. 1M; default: the cache's, or %dK)", cache.DefaultChunkSize>>10))
 	cowPath := fs.String("cow", "", "copy-on-write store: writes land here, never on SOURCE")
 	writeThrough := fs.Bool("write-through", false, "writes go to SOURCE before they are acknowledged")
 	delayRead := fs.Duration("delay-read", 0, "test only: sleep this long before each read")
@@ -69,23 +70,17 @@ func runExport(args []string) error {
 			return fmt.Errorf("--socket-group %s: gid %q: %w", *socketGroup, g.Gid, err)
 		}
 	}
-	mode := stack.ModeDirect
+	var mode stack.Mode // none given: stack's default (cow with --cow, readonly with --cache, else direct)
 	switch {
 	case *cowPath != "" && *writeThrough:
 		return errors.New("--cow and --write-through exclude each other")
 	case *cowPath != "" && *readOnly:
 		return errors.New("--cow and --readonly exclude each other")
-	case *cowPath != "":
-		mode = stack.ModeCOW
 	case *writeThrough && *readOnly:
 		return errors.New("--write-through and --readonly exclude each other")
 	case *writeThrough:
 		mode = stack.ModeWriteThrough
 	case *readOnly:
-		mode = stack.ModeReadOnly
-	case *cacheDir != "":
-		// The shared base is never written directly: without --cow or
-		// --write-through a cached export is read-only.
 		mode = stack.ModeReadOnly
 	}
 	if (*template != "" || *generation != "") && *cacheDir == "" {
@@ -164,11 +159,8 @@ func runExport(args []string) error {
 	}
 	l.Close()
 	srv.Close()
-	if ferr := dev.Flush(); ferr != nil && err == nil && mode != stack.ModeReadOnly {
-		err = fmt.Errorf("final flush: %w", ferr)
-	}
-	if cerr := dev.Close(); cerr != nil && err == nil {
-		err = cerr
+	if serr := dev.Shutdown(); serr != nil && err == nil {
+		err = serr
 	}
 	if *socket != "" {
 		os.Remove(*socket)

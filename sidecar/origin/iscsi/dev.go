@@ -53,16 +53,6 @@ func OpenURL(u string, readOnly bool) (*Dev, error) {
 	return Open(s)
 }
 
-// OpenConnectionInfo opens Cinder's connection_info "data" dict.
-func OpenConnectionInfo(ci map[string]any, readOnly bool) (*Dev, error) {
-	s, err := ParseConnectionInfo(ci)
-	if err != nil {
-		return nil, err
-	}
-	s.ReadOnly = readOnly
-	return Open(s)
-}
-
 // Open logs in to the LUN and reads its capacity. The first session must
 // come up (through any portal); the others connect in the background.
 func Open(s Spec) (*Dev, error) {
