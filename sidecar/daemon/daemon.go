@@ -582,6 +582,9 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 		d.mu.Unlock()
 		d.ops.Done()
 	}()
+	if err := d.checkAccess(e.rec); err != nil { // the origin is opened as root
+		return nil, err
+	}
 	size, err := stack.ProbeSize(e.rec.spec())
 	if err != nil {
 		return nil, classify(err)
