@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
-	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 )
@@ -55,7 +54,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		opts = stack.Options{Origin: origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo},
 			Mode: stack.ModeReadOnly, Manager: d.mgr, Template: base, Generation: req.Generation}
 	}
-	id, bind, err := opts.Base()
+	id, _, err := opts.Base()
 	if err != nil {
 		return nil, classify(err)
 	}
@@ -70,9 +69,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 	d.mu.Unlock()
 	base = id
 
-	spec := opts.Origin
-	spec.ReadOnly = !bind.Writable
-	ref, err := d.mgr.OpenFunc(id, bind, 0, func() (blockdev.Device, error) { return stack.OpenOrigin(spec) })
+	ref, err := opts.OpenBase()
 	if err != nil {
 		d.mu.Lock()
 		delete(d.warms, id)

@@ -187,6 +187,35 @@ func (o Options) Base() (string, cache.Binding, error) {
 	return VolumeBaseID(key), cache.Binding{Origin: key, Writable: mode == ModeWriteThrough}, nil
 }
 
+// OpenBase opens only the base cache the export would use (for a
+// warm-up): a reference the caller closes.
+func (o Options) OpenBase() (*cache.Ref, error) {
+	mode, err := o.ResolveMode()
+	if err != nil {
+		return nil, err
+	}
+	m := o.Manager
+	if m == nil {
+		if o.CacheDir == "" {
+			return nil, fmt.Errorf("%w: no cache to open a base in", blockdev.ErrInvalid)
+		}
+		if m, err = dirManager(o.CacheDir); err != nil {
+			return nil, err
+		}
+	}
+	id, bind, err := o.Base()
+	if err != nil {
+		return nil, err
+	}
+	spec := o.Origin
+	spec.ReadOnly = spec.ReadOnly || mode != ModeWriteThrough
+	openOrigin := o.OpenOrigin
+	if openOrigin == nil {
+		openOrigin = OpenOrigin
+	}
+	return m.OpenFunc(id, bind, o.ChunkSize, func() (blockdev.Device, error) { return openOrigin(spec) })
+}
+
 // Build opens the origin and stacks the layers Options asks for.
 func Build(o Options) (*Export, error) {
 	mode, err := o.ResolveMode()
