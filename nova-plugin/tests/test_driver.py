@@ -4,10 +4,15 @@ and running sidecars over a tgtd origin."""
 import copy
 import os
 import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 from lxml import etree
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+import pyharness  # noqa: E402
 
 
 def load_driver():
@@ -61,6 +66,7 @@ def nbd_disk(name="vol-1", sock="/run/vmthunder/nbd/vol-1.sock", dev="vdb"):
     disk.source_name = name
     disk.source_socket = sock
     disk.reconnect_delay = 5
+    disk.error_policy = disk.rerror_policy = "stop"
     disk.target_dev, disk.target_bus = dev, "virtio"
     disk.serial = name
     return disk
@@ -73,7 +79,13 @@ def test_nbd_disk_round_trips_and_stock_class_cannot(nova_conf):
 
     node = etree.fromstring(nbd_disk().to_xml())
     assert node.get("type") == "network" and node.get("device") == "disk"
-    assert node.find("driver").attrib == {"name": "qemu", "type": "raw", "cache": "none"}
+    assert node.find("driver").attrib == {
+        "name": "qemu",
+        "type": "raw",
+        "cache": "none",
+        "error_policy": "stop",
+        "rerror_policy": "stop",
+    }
     src = node.find("source")
     assert src.get("protocol") == "nbd" and src.get("name") == "vol-1"
     assert src.find("host").attrib == {"transport": "unix", "socket": "/run/vmthunder/nbd/vol-1.sock"}
@@ -82,6 +94,7 @@ def test_nbd_disk_round_trips_and_stock_class_cannot(nova_conf):
     back = NBDGuestDisk()
     back.parse_dom(node)
     assert back.source_socket == "/run/vmthunder/nbd/vol-1.sock" and back.reconnect_delay == 5
+    assert back.error_policy == back.rerror_policy == "stop"
     assert etree.tostring(etree.fromstring(back.to_xml())) == etree.tostring(node)
     # The reason for the subclass: nova's own class cannot format it again.
     stock = vconfig.LibvirtConfigGuestDisk()
@@ -362,3 +375,120 @@ def test_xml_is_rebuilt_from_saved_connection_info(nova_conf, node):
     assert again.to_xml() == first.to_xml()
     drv._disconnect_volume(None, ci, None, encryption={})
     drv._disconnect_volume(None, ci, None, encryption={})  # idempotent
+
+
+BIOS_LOOP = """<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><bios rebootTimeout='0'/></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{disks}</devices>
+</domain>"""
+
+
+def src_group(sidecar):
+    """The NBD group the node fixture gave its sidecars (QEMU's)."""
+    with open(sidecar.config) as f:
+        for line in f:
+            if line.startswith("nbd_group"):
+                return line.split("=", 1)[1].strip()
+    return "root"
+
+
+def wait_until(pred, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_sidecar_restart_pauses_the_guest_and_the_driver_resumes_it(nova_conf, node, libvirt_conn):
+    """libvirt 9.0 drops <reconnect delay>, so QEMU fails the requests a
+    sidecar restart catches. The driver's disks stop the guest instead
+    (error_policy and rerror_policy 'stop', which libvirt keeps), and the
+    resumer resumes it once the sidecar serves the export again: the failed
+    request is retried and the guest never sees an error. The guest is
+    SeaBIOS alone, reading its boot disk, finding nothing to boot and
+    rebooting at once: I/O without a guest OS."""
+    import libvirt
+
+    from vmthunder_nova import resume
+
+    tgt, src, _ = node
+    # A sidecar of this test's own, to restart.
+    work = pyharness.tempdir("vmt-nova-restart-")
+    group = src_group(src)
+    sidecar = pyharness.Sidecar(work, socket_group=group)
+    drv = driver_for(nova_conf, sidecar)
+    assert isinstance(drv.resumer, resume.IOErrorResumer)
+    ci = connection_info(tgt)
+    vol_id = ci["serial"]
+    dom = None
+    try:
+        drv._connect_volume(None, ci, None, encryption={})
+        conf = drv._get_volume_config(ci, {"dev": "vda", "bus": "virtio", "type": "disk"})
+        conf.boot_order = "1"
+        uid = str(uuid.uuid4())
+        dom = libvirt_conn.defineXML(
+            BIOS_LOOP.format(name=f"vmt-test-{uid[:8]}", uuid=uid, disks=conf.to_xml())
+        )
+        dom.create()
+        for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            drv_el = etree.fromstring(dom.XMLDesc(flags)).find("./devices/disk/driver")
+            assert drv_el.get("error_policy") == "stop" and drv_el.get("rerror_policy") == "stop"
+        client = drv.volume_drivers["iscsi"].connector.client
+        wait_until(lambda: client.get_export(vol_id)["stats"]["read_ops"] > 0, "the BIOS reading its disk")
+
+        sidecar.stop()
+        wait_until(
+            lambda: dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR], "a pause"
+        )
+        assert dom.diskErrors() == {"vda": libvirt.VIR_DOMAIN_DISK_ERROR_UNSPEC}
+        assert drv.resumer.poll_once() == []  # the sidecar is still down
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+
+        sidecar = pyharness.Sidecar(work, socket_group=group)
+        wait_until(lambda: client.get_export(vol_id)["state"] == "ready", "the export re-created")
+        # The first retry may find QEMU's NBD client still reconnecting
+        # and pause again: the resumer looks again.
+        drv.resumer.interval = 0.2
+        drv.resumer.start()
+        try:
+            wait_until(
+                lambda: client.get_export(vol_id)["stats"]["read_ops"] > 0
+                and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING,
+                "the guest resumed and reading again",
+            )
+            # It stays up and its requests keep being served (libvirt
+            # keeps reporting the last disk error after a resume: not a
+            # sign of a new one).
+            before = client.get_export(vol_id)["stats"]["read_ops"]
+            time.sleep(1.5)
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            assert client.get_export(vol_id)["stats"]["read_ops"] > before
+        finally:
+            drv.resumer.stop()
+    finally:
+        if dom is not None:
+            try:
+                dom.destroy()
+            except libvirt.libvirtError:
+                pass
+            dom.undefine()
+        drv._disconnect_volume(None, ci, None, encryption={})
+        sidecar.stop()
+        pyharness.rmtree(work)
+
+
+def test_a_pause_that_is_not_the_sidecars_is_left_alone(nova_conf, node, domains):
+    """A guest its user paused is not the resumer's to resume (nor are the
+    disks of a domain without VMThunder disks its business)."""
+    from vmthunder_nova import resume
+
+    tgt, src, _ = node
+    drv = driver_for(nova_conf, src)
+    dom = domains()
+    dom.dom.create()
+    dom.dom.suspend()
+    assert dom.name not in drv.resumer.poll_once()
+    assert dom.dom.state()[0] == dom.libvirt.VIR_DOMAIN_PAUSED
+    xml = etree.tostring(dom.xml()).decode()
+    assert resume.vmthunder_disks(xml) == {}

@@ -14,7 +14,32 @@ opts = [
         default=5,
         min=0,
         help="Seconds QEMU waits before reconnecting to a restarted sidecar "
-        "(libvirt <reconnect delay>); 0 disables reconnecting.",
+        "(libvirt <reconnect delay>); 0 disables reconnecting. libvirt "
+        "older than the element (9.0 included) drops it: io_error_policy "
+        "covers a restart there.",
+    ),
+    cfg.StrOpt(
+        "io_error_policy",
+        default="stop",
+        choices=[
+            (
+                "stop",
+                "pause the guest on an I/O error of a VMThunder disk (libvirt error_policy and "
+                "rerror_policy 'stop'); the driver resumes it once the sidecar serves the export again",
+            ),
+            ("report", "QEMU's default: the guest sees the error"),
+        ],
+        help="What a guest sees when its VMThunder disk fails a request, e.g. "
+        "while the sidecar restarts and QEMU's NBD client has no reconnect "
+        "delay (libvirt 9.0 drops <reconnect>).",
+    ),
+    cfg.FloatOpt(
+        "resume_interval",
+        default=2.0,
+        min=0,
+        help="Seconds between looks for guests paused on an I/O error of a "
+        "VMThunder disk whose export is served again (io_error_policy = stop); "
+        "0 leaves them paused for an operator.",
     ),
 ]
 

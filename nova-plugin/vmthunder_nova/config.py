@@ -1,8 +1,9 @@
 """Libvirt disk XML for an NBD export on a unix socket.
 
 Nova's LibvirtConfigGuestDisk only knows network hosts with a name and a
-port; a unix-socket host (and QEMU's reconnect element) needs this subclass,
-which also parses such a disk back so detach can format it again.
+port; a unix-socket host (and QEMU's reconnect element, and the error
+policies it does not model) needs this subclass, which also parses such a
+disk back so detach can format it again.
 """
 
 from lxml import etree
@@ -16,6 +17,10 @@ class NBDGuestDisk(vconfig.LibvirtConfigGuestDisk):
         self.source_protocol = "nbd"
         self.source_socket = None
         self.reconnect_delay = None
+        # libvirt's <driver error_policy rerror_policy>: what QEMU does on
+        # a failed write / read (stop: pause the guest, retry on resume).
+        self.error_policy = None
+        self.rerror_policy = None
 
     @classmethod
     def from_disk(cls, disk):
@@ -36,6 +41,10 @@ class NBDGuestDisk(vconfig.LibvirtConfigGuestDisk):
             dev = super().format_dom()
         finally:
             self.source_hosts, self.source_ports = hosts, ports
+        driver = dev.find("driver")
+        for attr in ("error_policy", "rerror_policy"):
+            if getattr(self, attr) and driver is not None:
+                driver.set(attr, getattr(self, attr))
         source = dev.find("source")
         if source is not None and self.source_socket:
             etree.SubElement(source, "host", transport="unix", socket=self.source_socket)
@@ -45,6 +54,10 @@ class NBDGuestDisk(vconfig.LibvirtConfigGuestDisk):
 
     def parse_dom(self, xmldoc):
         super().parse_dom(xmldoc)
+        driver = xmldoc.find("driver")
+        if driver is not None:
+            self.error_policy = driver.get("error_policy")
+            self.rerror_policy = driver.get("rerror_policy")
         source = xmldoc.find("source")
         if source is None:
             return

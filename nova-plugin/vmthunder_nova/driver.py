@@ -4,7 +4,7 @@ from lxml import etree
 from nova import conf as nova_conf
 from nova.virt.libvirt import driver as libvirt_driver
 
-from vmthunder_nova import conf, config, volume
+from vmthunder_nova import conf, config, resume, volume
 
 CONF = nova_conf.CONF
 conf.register(CONF)
@@ -18,10 +18,27 @@ class VMThunderDriver(libvirt_driver.LibvirtDriver):
         # through the sidecar's refresh while their guest is stopped, and
         # refused while it runs (VMThunderVolumeDriver.extend_volume).
         self.capabilities = dict(self.capabilities, supports_extend_volume=True)
+        self.resumer = None
         if CONF.vmthunder.enabled:
             # Nova fills volume_drivers lazily, per driver_volume_type, from
             # its own table; an entry set here is used instead.
             self.volume_drivers["iscsi"] = volume.VMThunderVolumeDriver(self._host)
+            if CONF.vmthunder.io_error_policy == "stop" and CONF.vmthunder.resume_interval > 0:
+                self.resumer = resume.IOErrorResumer(
+                    self._host.get_connection,
+                    self.volume_drivers["iscsi"].connector.client,
+                    CONF.vmthunder.resume_interval,
+                )
+
+    def init_host(self, host):
+        super().init_host(host)
+        if self.resumer is not None:
+            self.resumer.start()
+
+    def cleanup_host(self, host):
+        if self.resumer is not None:
+            self.resumer.stop()
+        super().cleanup_host(host)
 
     def _get_guest_disk_device(self, guest, disk_dev, volume_uuid=None, from_persistent_config=False):
         """Nova parses the guest's disks with the stock class, which cannot

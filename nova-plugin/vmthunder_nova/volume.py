@@ -67,4 +67,9 @@ class VMThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
         conf.source_name = info["export_name"]
         conf.source_socket = info["socket"]
         conf.reconnect_delay = CONF.vmthunder.reconnect_delay or None
+        if CONF.vmthunder.io_error_policy == "stop":
+            # libvirt 9.0 drops <reconnect>: without it QEMU fails the
+            # requests a sidecar restart catches. Stopped, the guest sees no
+            # error, and its requests are retried when resume.py resumes it.
+            conf.error_policy = conf.rerror_policy = "stop"
         return conf
