@@ -413,7 +413,7 @@ func (d *Dev) Close() error {
 func Remove(path string) error {
 	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
 	if errors.Is(err, os.ErrNotExist) {
-		return removeIfExists(path + ".bitmap")
+		return errors.Join(removeIfExists(path+".bitmap"), removeIfExists(path+".bitmap.tmp"))
 	}
 	if err != nil {
 		return fmt.Errorf("remove cow store: %w", err)
@@ -422,7 +422,8 @@ func Remove(path string) error {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		return fmt.Errorf("%w: cow store %s is open in another export or process", ErrInUse, path)
 	}
-	if err := removeIfExists(path + ".bitmap"); err != nil {
+	// A bitmap being created when a process died is left as .tmp.
+	if err := errors.Join(removeIfExists(path+".bitmap"), removeIfExists(path+".bitmap.tmp")); err != nil {
 		return err
 	}
 	return removeIfExists(path)
