@@ -45,6 +45,9 @@ func TestDashboardSeriesExist(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, name := range re.FindAllString(string(b), -1) {
+			if name == "vmthunder_brick" || name == "vmthunder_nova" { // the shims' Python packages
+				continue
+			}
 			base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")
 			if !have[base] {
 				t.Errorf("%s names %s, which the daemon does not export", f, name)
