@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/vmthunder/vmthunder/sidecar/internal/fsutil"
 	"github.com/vmthunder/vmthunder/sidecar/stack"
 )
 
@@ -28,21 +29,7 @@ func (d *Daemon) markNewStore(id, path string) (bool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return false, fmt.Errorf("state_dir: %w", err)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, id), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return false, fmt.Errorf("state_dir: %w", err)
-	}
-	_, err = f.WriteString(path)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
-	if err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(dir, id), []byte(path), 0o600); err != nil {
 		return false, fmt.Errorf("state_dir: %w", err)
 	}
 	return true, nil
@@ -101,14 +88,4 @@ func (d *Daemon) reconcile(recs []Record) {
 	if err != nil {
 		d.log.WithError(err).Warn("dropping stale caches")
 	}
-}
-
-// syncDir makes a directory's new entries durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }

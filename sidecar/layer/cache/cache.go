@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/internal/fsutil"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache/pbitmap"
 	"golang.org/x/sys/unix"
 )
@@ -77,7 +78,7 @@ func openBase(dir string, source blockdev.Device, chunk int64, bind Binding, new
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("cache directory: %w", err)
 	}
-	if err := syncDir(filepath.Dir(dir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
 		return nil, fmt.Errorf("cache directory: %w", err)
 	}
 	lk, err := os.Open(dir)
@@ -177,7 +178,7 @@ func openLocked(dir string, source blockdev.Device, chunk, newChunk int64) (*Bas
 	if err != nil {
 		return nil, fmt.Errorf("cache data: %w", err)
 	}
-	if err := syncDir(dir); err != nil { // the new bitmap and data files
+	if err := fsutil.SyncDir(dir); err != nil { // the new bitmap and data files
 		f.Close()
 		return nil, fmt.Errorf("cache directory %s: %w", dir, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
+	"github.com/vmthunder/vmthunder/sidecar/internal/fsutil"
 )
 
 // ErrConflict is wrapped when a base is asked for with a binding other
@@ -107,25 +108,7 @@ func writeIdentity(dir string, b Binding) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, identityFile+".tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("cache identity: %w", err)
-	}
-	_, err = f.Write(append(raw, '\n'))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, identityFile))
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
-	if err != nil {
+	if err := fsutil.WriteFileAtomic(filepath.Join(dir, identityFile), append(raw, '\n'), 0o600); err != nil {
 		return fmt.Errorf("cache identity: %w", err)
 	}
 	return nil
@@ -134,14 +117,4 @@ func writeIdentity(dir string, b Binding) error {
 // sameContent reports whether a cache recorded as have may serve want.
 func sameContent(have, want Binding) bool {
 	return have.Template == want.Template && have.Generation == want.Generation && have.Origin == want.Origin
-}
-
-// syncDir makes the directory's entries (new or renamed files) durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
