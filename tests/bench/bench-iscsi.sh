@@ -9,13 +9,16 @@
 #   daemon  - the same LUN attached through a `vmthunder daemon` as Nova
 #             does (API create, mode cow, a base cache, the metrics layer),
 #             COLD (a new daemon, empty cache) and WARM (cache filled by
-#             `vmthunder warm` before the run), read by the same fio job
+#             `vmthunder warm` before the run), read by the same fio job.
+#             COLD fills the 1 GiB LUN in about a second (256 KiB chunks),
+#             so COLD 4K (4 KiB chunks) is there too: nearly every read a
+#             miss, the cache's fill path end to end
 # Read rows are medians of alternating runs (sequential 1 MiB: 3, random
 # 4 KiB: 5; the whole-LUN copy runs once). Random rows come twice: with every
 # process sharing all CPUs, and with tgtd alone on the last CPU (as on a
 # storage node of its own; everything else on the others). When they
 # share, the target and the NBD client take most of the CPU, so the CPU
-# table shows where each 4 KiB read's time goes. About 9 minutes.
+# table shows where each 4 KiB read's time goes. About 10 minutes.
 # For quicker runs while working: BENCH_KINDS (a subset of the random-row
 # readers, e.g. "perf ours qemu-nbd daemon-warm"), BENCH_SPLIT=0 (no tgtd
 # own-CPU rows), BENCH_SEQ=0 (no sequential or copy rows).
@@ -113,18 +116,18 @@ export_run() {
   wait "$pid" 2>/dev/null || true
 }
 
-# daemon_run cold|warm rw bs: a `vmthunder daemon` of its own (temp config,
-# state and cache under WORK), the LUN attached through its API as Nova
-# does (mode cow, template bench-lun generation 1), for one fio job; warm
-# fills the cache with `vmthunder warm` first. The daemon's CPU is counted
-# over the fio job only. Prints "MiB/s ios server-ticks client-ticks
-# target-ticks".
+# daemon_run cold|cold4k|warm rw bs: a `vmthunder daemon` of its own (temp
+# config, state and cache under WORK), the LUN attached through its API as
+# Nova does (mode cow, template bench-lun generation 1), for one fio job;
+# cold4k has 4 KiB chunks; warm fills the cache with `vmthunder warm`
+# first. The daemon's CPU is counted over the fio job only. Prints "MiB/s
+# ios server-ticks client-ticks target-ticks".
 daemon_run() {
   local d="$WORK/daemon-$1" pid s0 t0 res base
   rm -rf "$d"
   mkdir -p "$d"
   printf '%s\n' "[DEFAULT]" "state_dir = $d/state" "api_socket = $d/api.sock" "nbd_socket_dir = $d/nbd" \
-    "log_level = warning" "[cache]" "dir = $d/cache" "chunk_size = 256K" >"$d/vmthunder.conf"
+    "log_level = warning" "[cache]" "dir = $d/cache" "chunk_size = $([ "$1" = cold4k ] && echo 4K || echo 256K)" >"$d/vmthunder.conf"
   "${ON[@]}" "$BIN" daemon --config "$d/vmthunder.conf" >"$WORK/daemon-$1.log" 2>&1 &
   pid=$!
   wait_sock "$d/api.sock" || { cat "$WORK/daemon-$1.log" >&2; kill "$pid"; return 1; }
@@ -161,7 +164,7 @@ if [ "$DO_SEQ" = 1 ]; then
 fi
 
 # Random 4 KiB: alternating runs, medians, in both placements.
-read -r -a KINDS <<<"${BENCH_KINDS:-perf origin ours ours-1p qemu-nbd daemon-cold daemon-warm}"
+read -r -a KINDS <<<"${BENCH_KINDS:-perf origin ours ours-1p qemu-nbd daemon-cold daemon-cold4k daemon-warm}"
 declare -A BW IOS SRV CLI TGT
 random_runs() { # placement
   local k bw ios srv cli tg t0
@@ -175,7 +178,7 @@ random_runs() { # placement
           read -r bw ios srv < <("${ON[@]}" /usr/bin/time -f '%U %S' "$WORK/qdread" -qd 32 -bs 4096 -random -time "${T}s" "$URL" 2>&1 |
             awk -v t="$T" '/MiB\/s/ { bw = $1; ios = $3 * t } NF == 2 && $1 ~ /^[0-9.]+$/ { cpu = ($1 + $2) * 100 } END { printf "%s %d %d\n", bw, ios, cpu }')
           tg=$(($(ticks "$TGTD") - t0)); cli=0 ;;
-        daemon-cold | daemon-warm) read -r bw ios srv cli tg < <(daemon_run "${k#daemon-}" randread 4k) ;;
+        daemon-*) read -r bw ios srv cli tg < <(daemon_run "${k#daemon-}" randread 4k) ;;
         *) read -r bw ios srv cli tg < <(export_run "$k" randread 4k) ;;
       esac
       BW[$1.$k]+="$bw "; IOS[$1.$k]+="$ios "; SRV[$1.$k]+="$srv "; CLI[$1.$k]+="$cli "; TGT[$1.$k]+="$tg "
@@ -218,7 +221,7 @@ fi
 rrow "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.perf)" "vs iscsi-perf"
 rrow "rand read 4KiB QD32 export (MiB/s)" "$(R shared.ours)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
 rrow "rand read 4KiB QD32 export GOMAXPROCS=1" "$(R shared.ours-1p)" "$(R shared.perf)" "vs iscsi-perf"
-for c in cold warm; do
+for c in cold cold4k warm; do
   rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.perf)" "vs iscsi-perf"
   rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.qemu-nbd)" "vs qemu-nbd export"
   rrow "rand read 4KiB QD32 daemon $c (MiB/s)" "$(R shared.daemon-$c)" "$(R shared.ours)" "vs vmthunder export"
@@ -228,7 +231,7 @@ if [ "$SPLIT" = yes ]; then
   rrow "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.perf)" "vs iscsi-perf"
   rrow "tgtd own CPU: rand 4KiB export (MiB/s)" "$(R split.ours)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
   rrow "tgtd own CPU: rand 4KiB export 1 proc" "$(R split.ours-1p)" "$(R split.perf)" "vs iscsi-perf"
-  for c in cold warm; do
+  for c in cold cold4k warm; do
     rrow "tgtd own CPU: rand 4KiB daemon $c" "$(R split.daemon-$c)" "$(R split.perf)" "vs iscsi-perf"
     rrow "tgtd own CPU: rand 4KiB daemon $c" "$(R split.daemon-$c)" "$(R split.qemu-nbd)" "vs qemu-nbd export"
   done
@@ -243,7 +246,7 @@ printf '%-44s %10s %10s %6s\n' "test" "ours" "anchor" "ratio"
 printf '%s\n' "${ROWS[@]}"
 echo "random rows: median of $RUNS alternating runs of ${T}s, sequential rows of $SEQ_RUNS; anchors: iscsi-perf (raw libiscsi), qemu-img convert, qemu-nbd"
 echo "\"tgtd own CPU\": tgtd pinned to CPU $((NCPU - 1)), every other process to the rest; goal ratio >= 0.80 vs iscsi-perf"
-echo "daemon: the LUN attached through \`vmthunder daemon\` (mode cow, 256 KiB chunks, metrics layer); cold: a new daemon, empty cache; warm: cache filled first"
+echo "daemon: the LUN attached through \`vmthunder daemon\` (mode cow, 256 KiB chunks, metrics layer); cold: a new daemon, empty cache; cold4k: the same with 4 KiB chunks; warm: cache filled first"
 echo "daemon goal: >= 1.2x qemu-nbd and >= 0.8x iscsi-perf, sidecar CPU <= 12 us per read (CPU table, initiator column)"
 echo
 echo "CPU per 4 KiB random read (us), medians, all parties sharing the machine's $NCPU CPUs:"

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"fmt"
+	"syscall"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"golang.org/x/sys/unix"
@@ -35,7 +36,8 @@ type asyncBase struct {
 	b     *Base
 	src   blockdev.AsyncReader
 	tally *Tally
-	mem   bool // the cache file is in memory (memFS)
+	data  syscall.RawConn // the cache file's
+	mem   bool            // the cache file is in memory (memFS)
 }
 
 // Unwrap returns the reference's asynchronous read path (its reads are
@@ -45,7 +47,11 @@ func (r *Ref) Unwrap() blockdev.Device {
 	if src == nil {
 		return nil
 	}
-	return &asyncBase{Device: r, b: r.Base, src: src, tally: &r.tally, mem: memFS(r.dataFd)}
+	rc, err := r.data.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &asyncBase{Device: r, b: r.Base, src: src, tally: &r.tally, data: rc, mem: memFS(rc)}
 }
 
 func (a *asyncBase) Unplug() { a.src.Unplug() }
@@ -96,7 +102,7 @@ func (a *asyncBase) ReadAtAsync(p []byte, off int64, done func(error)) {
 // has them, else on a goroutine.
 func (a *asyncBase) readHit(p []byte, off int64, done func(error)) {
 	b := a.b
-	if readNow(b.dataFd, a.mem, p, off) {
+	if readNow(a.data, a.mem, p, off) {
 		b.fromCache.Add(uint64(len(p)))
 		a.tally.add(uint64(len(p)), 0)
 		done(nil)
@@ -175,11 +181,12 @@ func (t *chunkLocks) tryLock(c int64) *chunkLock {
 	return l
 }
 
-// memFS reports whether fd's file lives in memory (tmpfs, ramfs), where a
+// memFS reports whether the file lives in memory (tmpfs, ramfs), where a
 // read never waits for a disk: there RWF_NOWAIT is refused, and not needed.
-func memFS(fd int) bool {
+func memFS(rc syscall.RawConn) bool {
 	var st unix.Statfs_t
-	if unix.Fstatfs(fd, &st) != nil {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { err = unix.Fstatfs(int(fd), &st) }); cerr != nil || err != nil {
 		return false
 	}
 	return st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC
@@ -188,13 +195,20 @@ func memFS(fd int) bool {
 // readNow reads all of p at off if it can without waiting for a disk
 // (the page cache has it, or the file is in memory). false: it could not,
 // or the read failed; the caller reads again on a goroutine of its own.
-func readNow(fd int, mem bool, p []byte, off int64) bool {
-	var n int
-	var err error
-	if mem {
-		n, err = unix.Pread(fd, p, off)
-	} else {
-		n, err = unix.Preadv2(fd, [][]byte{p}, off, unix.RWF_NOWAIT)
-	}
-	return err == nil && n == len(p)
+// The read holds a reference on the file's descriptor (RawConn.Control,
+// as os.File.ReadAt does; RawConn.Read would serialize readers), so a file
+// closed meanwhile is an error, never another file that got its number.
+func readNow(rc syscall.RawConn, mem bool, p []byte, off int64) bool {
+	ok := false
+	err := rc.Control(func(fd uintptr) {
+		var n int
+		var err error
+		if mem {
+			n, err = unix.Pread(int(fd), p, off)
+		} else {
+			n, err = unix.Preadv2(int(fd), [][]byte{p}, off, unix.RWF_NOWAIT)
+		}
+		ok = err == nil && n == len(p)
+	})
+	return err == nil && ok
 }

@@ -3,6 +3,7 @@ package cow
 import (
 	"fmt"
 	"io"
+	"syscall"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"golang.org/x/sys/unix"
@@ -23,9 +24,9 @@ import (
 // call goes to the Dev.
 type asyncDev struct {
 	*Dev
-	base blockdev.AsyncReader
-	fd   int
-	mem  bool // the store is in memory (memFS)
+	base  blockdev.AsyncReader
+	store syscall.RawConn
+	mem   bool // the store is in memory (memFS)
 }
 
 // Unwrap returns the device's asynchronous read path, or nil when its base
@@ -35,8 +36,11 @@ func (d *Dev) Unwrap() blockdev.Device {
 	if base == nil {
 		return nil
 	}
-	fd := int(d.store.Fd())
-	return &asyncDev{Dev: d, base: base, fd: fd, mem: memFS(fd)}
+	rc, err := d.store.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &asyncDev{Dev: d, base: base, store: rc, mem: memFS(rc)}
 }
 
 func (a *asyncDev) Unplug() { a.base.Unplug() }
@@ -66,7 +70,7 @@ func (a *asyncDev) ReadAtAsync(p []byte, off int64, done func(error)) {
 		a.base.ReadAtAsync(p, off, done)
 		return
 	}
-	if readNow(a.fd, a.mem, p, off) {
+	if readNow(a.store, a.mem, p, off) {
 		done(nil)
 		return
 	}
@@ -79,11 +83,12 @@ func (a *asyncDev) ReadAtAsync(p []byte, off int64, done func(error)) {
 	}()
 }
 
-// memFS reports whether fd's file lives in memory (tmpfs, ramfs), where a
+// memFS reports whether the file lives in memory (tmpfs, ramfs), where a
 // read never waits for a disk: there RWF_NOWAIT is refused, and not needed.
-func memFS(fd int) bool {
+func memFS(rc syscall.RawConn) bool {
 	var st unix.Statfs_t
-	if unix.Fstatfs(fd, &st) != nil {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { err = unix.Fstatfs(int(fd), &st) }); cerr != nil || err != nil {
 		return false
 	}
 	return st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC
@@ -92,13 +97,20 @@ func memFS(fd int) bool {
 // readNow reads all of p at off if it can without waiting for a disk
 // (the page cache has it, or the file is in memory). false: it could not,
 // or the read failed; the caller reads again on a goroutine of its own.
-func readNow(fd int, mem bool, p []byte, off int64) bool {
-	var n int
-	var err error
-	if mem {
-		n, err = unix.Pread(fd, p, off)
-	} else {
-		n, err = unix.Preadv2(fd, [][]byte{p}, off, unix.RWF_NOWAIT)
-	}
-	return err == nil && n == len(p)
+// The read holds a reference on the file's descriptor (RawConn.Control,
+// as os.File.ReadAt does; RawConn.Read would serialize readers), so a file
+// closed meanwhile is an error, never another file that got its number.
+func readNow(rc syscall.RawConn, mem bool, p []byte, off int64) bool {
+	ok := false
+	err := rc.Control(func(fd uintptr) {
+		var n int
+		var err error
+		if mem {
+			n, err = unix.Pread(int(fd), p, off)
+		} else {
+			n, err = unix.Preadv2(int(fd), [][]byte{p}, off, unix.RWF_NOWAIT)
+		}
+		ok = err == nil && n == len(p)
+	})
+	return err == nil && ok
 }
