@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/internal/tgt"
@@ -290,5 +292,38 @@ func TestDuplicateIDsRefused(t *testing.T) {
 	defer d.Close()
 	if err := d.Start(); err == nil || !strings.Contains(err.Error(), `"a" twice`) {
 		t.Fatalf("start with a duplicate id: %v", err)
+	}
+}
+
+// Close while a create is still logging in to its target: the daemon
+// waits for it, and nothing serves the export's socket after Close.
+func TestCloseWaitsForSlowCreate(t *testing.T) {
+	tg := tgt.Start(t, tgt.Options{Size: 1 << 20})
+	e := newEnv(t, nil)
+	if err := tg.Signal(0, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	created := make(chan error, 1)
+	go func() {
+		_, err := e.c.Create(ctx(t), api.CreateRequest{ID: "slow", Origin: tg.URL(0), Mode: api.ModeReadOnly})
+		created <- err
+	}()
+	time.Sleep(500 * time.Millisecond) // the create is in its login
+	closed := make(chan struct{})
+	go func() { e.stop(); close(closed) }()
+	// Longer than Close gives the API's handlers (5 s): the create outlives
+	// the API server.
+	time.Sleep(6 * time.Second)
+	tg.Signal(0, syscall.SIGCONT)
+	select {
+	case <-closed:
+	case <-time.After(60 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	t.Logf("create: %v", <-created)
+	sock := filepath.Join(e.cfg.NBDSocketDir, "slow.sock")
+	if c, err := net.Dial("unix", sock); err == nil {
+		c.Close()
+		t.Fatal("the slow create's export is served after Close")
 	}
 }
