@@ -327,3 +327,40 @@ func TestCloseWaitsForSlowCreate(t *testing.T) {
 		t.Fatal("the slow create's export is served after Close")
 	}
 }
+
+// Deleting an export with its cow store while another create asks for the
+// same cow_path: the new export either is refused (the path is still
+// taken) or gets a store of its own that the delete does not remove; it
+// never sees the old export's writes.
+func TestDeleteCOWRacingCreate(t *testing.T) {
+	e := newEnv(t, nil)
+	img, data := e.image("base.raw", 1<<20)
+	store := filepath.Join(e.cfg.StateDir, "cow", "shared.img")
+	c := ctx(t)
+	for i := 0; i < 20; i++ {
+		a, err := e.c.Create(c, api.CreateRequest{ID: "a", Origin: img, Mode: api.ModeCOW, CowPath: store})
+		if err != nil {
+			t.Fatal(err)
+		}
+		qemuIO(t, a.URI, "write -P 0x5a 0 65536", "flush")
+		done := make(chan error, 1)
+		go func() { done <- e.c.Delete(c, "a", true) }()
+		b, err := e.c.Create(c, api.CreateRequest{ID: "b", Origin: img, Mode: api.ModeCOW, CowPath: store})
+		if derr := <-done; derr != nil {
+			t.Fatal(derr)
+		}
+		if err != nil {
+			wantCode(t, "create on a cow_path being deleted", err, api.CodeConflict)
+			continue
+		}
+		if !bytes.Equal(nbdRead(t, b.URI), data) {
+			t.Fatalf("round %d: the new export sees the deleted export's writes", i)
+		}
+		if _, err := os.Stat(store + ".bitmap"); err != nil {
+			t.Fatalf("round %d: the delete removed the new export's store: %v", i, err)
+		}
+		if err := e.c.Delete(c, "b", true); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
