@@ -21,6 +21,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/layer/metrics"
 	"github.com/vmthunder/vmthunder/sidecar/layer/writethrough"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/prefetch"
 )
 
 // Mode is the writable layer on top of the stack.
@@ -59,6 +60,10 @@ type Options struct {
 	// the stack.
 	Metrics *metrics.Set
 	Name    string
+	// Prefetch records a boot trace of a template base that has none and
+	// replays the trace of one that has (package prefetch); nil: neither.
+	// Volume bases never have traces (their cache dies with their exports).
+	Prefetch *prefetch.Manager
 	// OpenOrigin opens the origin; nil: OpenOrigin. Tests put a memdev
 	// here; the daemon may hand out origins it manages.
 	OpenOrigin func(origin.Spec) (blockdev.Device, error)
@@ -250,6 +255,9 @@ func Build(o Options) (*Export, error) {
 			return nil, err
 		}
 		e.baseID, e.base, e.below = id, r, r
+		if bind.IsTemplate() && o.Prefetch != nil {
+			e.below = o.Prefetch.Attach(id, r) // closing it closes r
+		}
 	} else {
 		d, err := openOrigin(spec)
 		if err != nil {

@@ -124,7 +124,13 @@ func checkIdentity(dir string, bind Binding) (string, error) {
 	default:
 		return "", nil
 	}
-	for _, f := range []string{identityFile, "bitmap", "data"} {
+	files := []string{identityFile, "bitmap", "data", TraceFile}
+	if errors.Is(err, os.ErrNotExist) && !filled && bind.IsTemplate() {
+		// A new directory: a trace imported for this template before its
+		// first open was made for this base id, so for this content.
+		files = files[:3]
+	}
+	for _, f := range files {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return "", fmt.Errorf("reset cache %s: %w", dir, err)
 		}
@@ -248,6 +254,14 @@ func (b *Base) kickCommit() {
 // ask the source, so a warm cache answers with the origin gone.
 func (b *Base) Size() int64      { return b.size }
 func (b *Base) ChunkSize() int64 { return b.chunk }
+
+// TraceFile is the name, in a base's directory, of its boot trace
+// (package prefetch). It is removed with the content it was recorded for
+// whenever the cache is emptied on open (see checkIdentity).
+const TraceFile = "trace"
+
+// Dir is the base's cache directory.
+func (b *Base) Dir() string { return b.dir }
 
 // Source is the device misses are filled from.
 func (b *Base) Source() blockdev.Device { return b.source }
