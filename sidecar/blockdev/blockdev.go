@@ -44,7 +44,8 @@ type Device interface {
 // AsyncReader is a Device that can start a read and report its end later,
 // so a server need not park a goroutine per read in flight (the origin
 // that talks to a remote target is one). done runs on the device's own
-// goroutine and must not block. A started read may wait until Unplug, so
+// goroutine, or on the caller's before ReadAtAsync returns (a read the
+// device can answer at once), and must not block. A started read may wait until Unplug, so
 // that reads started together reach the target together; a caller that
 // is about to wait for anything calls Unplug first.
 type AsyncReader interface {
@@ -53,7 +54,9 @@ type AsyncReader interface {
 }
 
 // Unwrapper is a wrapper that passes every call straight to the device it
-// returns, so that device's optional interfaces apply through it.
+// returns (or to a view of itself with the same answers), so that
+// device's optional interfaces apply through it. Unwrap may return nil:
+// nothing below offers more.
 type Unwrapper interface {
 	Unwrap() Device
 }
