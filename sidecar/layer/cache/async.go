@@ -153,7 +153,9 @@ func (a *asyncBase) fill(c int64, p []byte, off int64, done func(error)) bool {
 		done(nil)
 		// The source's goroutine serves every read in flight: the copy
 		// into the cache file is not its to wait for.
+		b.stores.Add(1) // close waits: the chunk is kept, not written to a closed file
 		go func() {
+			defer b.stores.Done()
 			b.store(c, buf, coff)
 			b.pool.Put(bp)
 			b.locks.unlock(c, l)

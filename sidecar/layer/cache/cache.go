@@ -64,6 +64,7 @@ type Base struct {
 	degraded  atomic.Bool
 	onFill    func(bytes int64) // manager's budget accounting
 	rebuilt   string            // why an earlier cache here was emptied on open, if it was
+	stores    sync.WaitGroup    // chunk stores still running after their read was answered (async.go)
 
 	hits, misses, fills, fromCache, fromSource, wt, inval atomic.Uint64
 }
@@ -531,6 +532,7 @@ func (b *Base) Stats() Stats {
 
 // close syncs and closes the files and the source (the base owns it).
 func (b *Base) close(drop bool) error {
+	b.stores.Wait()
 	err := b.bits.Sync()
 	close(b.stop)
 	b.committer.Wait()
