@@ -15,13 +15,6 @@ for t in fio nbdkit nbdcopy python3; do
 done
 W=$(mktemp -d /tmp/vmthunder-bench-cache.XXXXXX)
 SERVE=("$BIN" export)
-if [[ "$("$BIN" export -h 2>&1 || true)" == *"unknown command"* ]]; then
-  # Until the NBD export lands: the crash tests' one-request-at-a-time
-  # stand-in, which says nothing about the real server's speed.
-  echo "bench-cache: $BIN has no export command; using the nbdserve stand-in" >&2
-  go build -o "$W/nbdserve" ./tests/crash/nbdserve
-  SERVE=("$W/nbdserve")
-fi
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
@@ -36,7 +29,7 @@ wait_sock() {
   echo "bench-cache: no socket $1" >&2; exit 1
 }
 
-"${SERVE[@]}" --socket "$W/ours.sock" --cache "$W/cache" --cow "$W/vm.cow" "$W/base.img" \
+"${SERVE[@]}" --socket "$W/ours.sock" --cache "$W/cache" --base bench --generation 1 --cow "$W/vm.cow" "$W/base.img" \
   >"$W/ours.log" 2>&1 &
 PIDS+=($!)
 nbdkit -f -U "$W/anchor.sock" file "$W/base.img" &
