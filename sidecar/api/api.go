@@ -56,6 +56,9 @@ type WarmRequest struct {
 	Origin         string         `json:"origin,omitempty"`
 	ConnectionInfo map[string]any `json:"connection_info,omitempty"`
 	Generation     string         `json:"generation,omitempty"`
+	// TraceOnly fills just the chunks of the base's boot trace (a
+	// template's; 409 conflict when it has none), not the whole base.
+	TraceOnly bool `json:"trace_only,omitempty"`
 }
 
 // Export is one export as the API shows it: the answer to create, get,
@@ -133,6 +136,25 @@ type WarmStatus struct {
 	Error      string `json:"error,omitempty"`
 	Started    string `json:"started,omitempty"`
 	Finished   string `json:"finished,omitempty"`
+}
+
+// Trace is the answer to GET /v1/bases/{id}/trace: a template base's boot
+// trace (the order a boot first read its chunks) and its replay counters.
+type Trace struct {
+	Base       string `json:"base"`
+	Present    bool   `json:"present"`     // a trace is stored for the base
+	Chunks     int    `json:"chunks"`      // entries of the stored trace
+	ChunkSize  int64  `json:"chunk_size"`  // bytes an entry covers
+	Bytes      int64  `json:"bytes"`       // data the trace covers
+	DurationMS int64  `json:"duration_ms"` // first to last recorded read
+	Recording  bool   `json:"recording"`   // a boot is being recorded now
+	Replaying  bool   `json:"replaying"`   // the trace is being replayed now
+	BackedOff  bool   `json:"backed_off"`  // the last replay stopped: the guest left the trace
+	// Replay counters since the daemon started.
+	PrefetchedChunks uint64 `json:"prefetched_chunks"`
+	PrefetchedBytes  uint64 `json:"prefetched_bytes"`
+	HitChunks        uint64 `json:"hit_chunks"`
+	WastedBytes      uint64 `json:"wasted_bytes"`
 }
 
 // Health is the answer to GET /v1/health.

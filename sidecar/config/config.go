@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"gopkg.in/ini.v1"
@@ -55,6 +56,12 @@ type Config struct {
 	ChunkSize   int64 // bytes, for new caches
 
 	MetricsListen string // host:port; empty: no metrics listener
+
+	// [prefetch]: boot traces of template bases (package prefetch).
+	PrefetchEnabled     bool          // record and replay (default true)
+	RecordWindow        time.Duration // how long a first boot is recorded; 0: the default
+	PrefetchLookahead   int           // trace entries the replay may run ahead of the guest; 0: the default
+	PrefetchConcurrency int           // replay fills in flight; 0: the default
 }
 
 // Defaults are the values used for keys the file does not set.
@@ -72,6 +79,7 @@ func Defaults() *Config {
 		AllowedOriginDevices: append([]string(nil), DefaultOriginDevices...),
 		LogLevel:             logrus.InfoLevel,
 		ChunkSize:            cache.DefaultChunkSize,
+		PrefetchEnabled:      true,
 	}
 }
 
@@ -82,8 +90,9 @@ var DefaultOriginDevices = []string{"/dev/disk/by-path/ip-*-iscsi-*-lun-*"}
 var known = map[string][]string{
 	ini.DefaultSection: {"state_dir", "api_socket", "nbd_socket_dir", "api_group", "nbd_group", "socket_group", "log_level",
 		"allowed_origin_dirs", "allowed_origin_devices", "allowed_cow_dirs"},
-	"cache":   {"dir", "size_budget", "chunk_size"},
-	"metrics": {"listen"},
+	"cache":    {"dir", "size_budget", "chunk_size"},
+	"metrics":  {"listen"},
+	"prefetch": {"enabled", "record_window", "lookahead", "concurrency"},
 }
 
 // Load reads path. The warnings are about keys and sections it does not
@@ -217,6 +226,9 @@ func Load(path string) (*Config, []string, error) {
 		}
 		c.ChunkSize = n
 	}
+	if err := loadPrefetch(f.Section("prefetch"), c, bad); err != nil {
+		return nil, warnings, err
+	}
 	if c.MetricsListen != "" {
 		if _, _, err := splitHostPort(c.MetricsListen); err != nil {
 			return nil, warnings, bad("metrics", "listen", err.Error())
@@ -334,4 +346,33 @@ func ParseSize(s string) (int64, error) {
 func Exists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
+}
+
+// loadPrefetch reads the [prefetch] section.
+func loadPrefetch(s *ini.Section, c *Config, bad func(sec, key, why string) error) error {
+	if s.HasKey("enabled") {
+		v, err := strconv.ParseBool(strings.TrimSpace(s.Key("enabled").String()))
+		if err != nil {
+			return bad("prefetch", "enabled", fmt.Sprintf("%q is not a boolean", s.Key("enabled").String()))
+		}
+		c.PrefetchEnabled = v
+	}
+	if s.HasKey("record_window") {
+		v, err := time.ParseDuration(strings.TrimSpace(s.Key("record_window").String()))
+		if err != nil || v <= 0 {
+			return bad("prefetch", "record_window", fmt.Sprintf("%q is not a positive duration (e.g. 60s)", s.Key("record_window").String()))
+		}
+		c.RecordWindow = v
+	}
+	for key, dst := range map[string]*int{"lookahead": &c.PrefetchLookahead, "concurrency": &c.PrefetchConcurrency} {
+		if !s.HasKey(key) {
+			continue
+		}
+		v, err := strconv.Atoi(strings.TrimSpace(s.Key(key).String()))
+		if err != nil || v < 1 || v > 1<<20 {
+			return bad("prefetch", key, fmt.Sprintf("%q is not a count from 1", s.Key(key).String()))
+		}
+		*dst = v
+	}
+	return nil
 }

@@ -32,11 +32,20 @@ var (
 	dWarmDone     = desc("warm_done_bytes", "Bytes of the base's current or last warm-up done.", "base")
 	dWarmTotal    = desc("warm_total_bytes", "Bytes the base's current or last warm-up copies.", "base")
 	dWarmRunning  = desc("warm_running", "1 while a warm-up of the base runs.", "base")
+
+	dPrefetched  = desc("prefetch_chunks_total", "Chunks the boot-trace replay fetched ahead of the guest.", "base")
+	dPrefBytes   = desc("prefetch_bytes_total", "Bytes the boot-trace replay fetched ahead of the guest.", "base")
+	dPrefHits    = desc("prefetch_hit_chunks_total", "Prefetched chunks a guest then read.", "base")
+	dPrefWasted  = desc("prefetch_wasted_bytes_total", "Prefetched bytes no guest read before the base's last export closed.", "base")
+	dPrefSkipped = desc("prefetch_skipped_chunks_total", "Trace chunks the replay found already in the cache.", "base")
+	dRecording   = desc("trace_recording", "1 while a boot trace of the base is being recorded.", "base")
+	dReplaying   = desc("prefetch_replaying", "1 while the base's boot trace is being replayed.", "base")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
-		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning} {
+		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning,
+		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying} {
 		ch <- d
 	}
 }
@@ -73,6 +82,27 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			deg = 1
 		}
 		g(dDegraded, deg, id)
+	}
+	pf := d.pf.All()
+	for id := range open {
+		if _, ok := pf[id]; !ok {
+			pf[id] = d.pf.Stats(id) // zero: present, so rate() sees the base from its start
+		}
+	}
+	b01 := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	for id, s := range pf {
+		ctr(dPrefetched, s.Prefetched, id)
+		ctr(dPrefBytes, s.PrefetchedBytes, id)
+		ctr(dPrefHits, s.Hits, id)
+		ctr(dPrefWasted, s.WastedBytes, id)
+		ctr(dPrefSkipped, s.Skipped, id)
+		g(dRecording, b01(s.Recording), id)
+		g(dReplaying, b01(s.Replaying), id)
 	}
 	if infos, err := d.mgr.List(); err == nil {
 		var disk int64

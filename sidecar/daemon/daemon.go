@@ -33,6 +33,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 	"github.com/vmthunder/vmthunder/sidecar/origin/file"
 	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/prefetch"
 	"github.com/vmthunder/vmthunder/sidecar/stack"
 )
 
@@ -66,6 +67,7 @@ type Daemon struct {
 	cfg *config.Config
 	log *logrus.Logger
 	mgr *cache.Manager
+	pf  *prefetch.Manager // boot traces of template bases
 
 	reg  *prometheus.Registry
 	mset *metrics.Set
@@ -127,7 +129,9 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 		lk.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, mgr: mgr, lock: lk,
+	pf := prefetch.NewManager(prefetch.Config{Disabled: !cfg.PrefetchEnabled, RecordWindow: cfg.RecordWindow,
+		Lookahead: cfg.PrefetchLookahead, Concurrency: cfg.PrefetchConcurrency, Log: log})
+	d := &Daemon{cfg: cfg, log: log, mgr: mgr, pf: pf, lock: lk,
 		exports: map[string]*export{}, warms: map[string]*warmJob{},
 		reg: prometheus.NewRegistry(), RetryInterval: 10 * time.Second,
 		nbdMemory: nbd.NewMemoryBudget(nbd.DefaultServerMemory)}
@@ -297,7 +301,7 @@ func (r Record) baseID() string {
 func (d *Daemon) options(r Record) stack.Options {
 	return stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
 		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath,
-		Metrics: d.mset, Name: r.ID}
+		Metrics: d.mset, Name: r.ID, Prefetch: d.pf}
 }
 
 // open builds the export's stack and serves it on its socket.

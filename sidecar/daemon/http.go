@@ -46,6 +46,7 @@ func (d *Daemon) Handler() http.Handler {
 		answer(w, http.StatusNoContent, nil, err)
 	})
 	mux.HandleFunc("POST "+v+"/bases/{id}/warm", d.hWarm)
+	d.traceRoutes(mux, v) // trace.go
 	mux.HandleFunc("GET "+v+"/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, d.Health())
 	})

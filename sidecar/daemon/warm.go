@@ -5,11 +5,13 @@ import (
 	"errors"
 	"github.com/vmthunder/vmthunder/sidecar/stack"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
+	"github.com/vmthunder/vmthunder/sidecar/prefetch"
 )
 
 // warmJob is a base's current or last warm-up; status is guarded by
@@ -76,9 +78,28 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		d.mu.Unlock()
 		return nil, classify(err)
 	}
+	fill, total := ref.Warm, ref.Size()
+	if req.TraceOnly {
+		// Opening the base dropped a trace of other content (cache.TraceFile).
+		t, err := prefetch.Load(ref.Dir())
+		if err != nil {
+			ref.Close()
+			d.mu.Lock()
+			delete(d.warms, id)
+			d.mu.Unlock()
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "base %s has no boot trace to warm (boot it once, or import one: vmthunder trace import)", id)
+			}
+			return nil, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "%v", err)
+		}
+		fill = func(ctx context.Context, progress func(done, total int64)) error {
+			return prefetch.WarmTrace(ctx, ref.Base, progress)
+		}
+		total = t.Bytes()
+	}
 	d.mu.Lock()
 	j.ref = ref
-	j.status.TotalBytes = ref.Size()
+	j.status.TotalBytes = total
 	st := j.status
 	d.mu.Unlock()
 	log := d.log.WithField("base", base)
@@ -87,7 +108,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
-		err := ref.Warm(d.ctx, func(done, total int64) {
+		err := fill(d.ctx, func(done, total int64) {
 			d.mu.Lock()
 			j.status.DoneBytes, j.status.TotalBytes = done, total
 			d.mu.Unlock()
@@ -209,6 +230,7 @@ func (d *Daemon) DeleteBase(id string) error {
 		delete(d.warms, id)
 	}
 	d.mu.Unlock()
+	d.pf.Forget(id)
 	d.log.WithField("base", id).Info("base cache removed")
 	return nil
 }

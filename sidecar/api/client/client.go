@@ -42,35 +42,17 @@ func New(socket string) *Client {
 // into out (when non-nil). Non-2xx answers become *api.Error.
 func (c *Client) Do(ctx context.Context, method, path string, body, out any) error {
 	var rd io.Reader
+	ctype := ""
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
 			return err
 		}
-		rd = bytes.NewReader(b)
+		rd, ctype = bytes.NewReader(b), "application/json"
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://vmthunder"+path, rd)
+	data, err := c.send(ctx, method, path, rd, ctype)
 	if err != nil {
 		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("daemon at %s: %w", c.Socket, unwrapURLError(err))
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return fmt.Errorf("daemon at %s: reading answer: %w", c.Socket, err)
-	}
-	if resp.StatusCode >= 300 {
-		e := &api.Error{Status: resp.StatusCode}
-		if json.Unmarshal(data, e) != nil || e.Message == "" {
-			e.Message = fmt.Sprintf("HTTP %s: %s", resp.Status, bytes.TrimSpace(data))
-		}
-		return e
 	}
 	if out != nil && len(data) > 0 {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -78,6 +60,70 @@ func (c *Client) Do(ctx context.Context, method, path string, body, out any) err
 		}
 	}
 	return nil
+}
+
+// send sends a request and returns the answer's body; non-2xx answers
+// become *api.Error.
+func (c *Client) send(ctx context.Context, method, path string, body io.Reader, ctype string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://vmthunder"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("daemon at %s: %w", c.Socket, unwrapURLError(err))
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("daemon at %s: reading answer: %w", c.Socket, err)
+	}
+	if resp.StatusCode >= 300 {
+		e := &api.Error{Status: resp.StatusCode}
+		if json.Unmarshal(data, e) != nil || e.Message == "" {
+			e.Message = fmt.Sprintf("HTTP %s: %s", resp.Status, bytes.TrimSpace(data))
+		}
+		return nil, e
+	}
+	return data, nil
+}
+
+// Trace describes base id's boot trace.
+func (c *Client) Trace(ctx context.Context, id string) (*api.Trace, error) {
+	var t api.Trace
+	return &t, c.Do(ctx, "GET", p("/bases/%s/trace", id), nil, &t)
+}
+
+// StopTrace ends base id's recording now.
+func (c *Client) StopTrace(ctx context.Context, id string) (*api.Trace, error) {
+	var t api.Trace
+	return &t, c.Do(ctx, "POST", p("/bases/%s/trace/stop", id), nil, &t)
+}
+
+// DeleteTrace removes base id's boot trace.
+func (c *Client) DeleteTrace(ctx context.Context, id string) error {
+	return c.Do(ctx, "DELETE", p("/bases/%s/trace", id), nil, nil)
+}
+
+// ExportTrace is base id's trace file.
+func (c *Client) ExportTrace(ctx context.Context, id string) ([]byte, error) {
+	return c.send(ctx, "GET", p("/bases/%s/trace/data", id), nil, "")
+}
+
+// ImportTrace stores raw (a trace file) as base id's boot trace.
+func (c *Client) ImportTrace(ctx context.Context, id string, raw []byte) (*api.Trace, error) {
+	data, err := c.send(ctx, "PUT", p("/bases/%s/trace/data", id), bytes.NewReader(raw), "application/octet-stream")
+	if err != nil {
+		return nil, err
+	}
+	var t api.Trace
+	if err := json.Unmarshal(data, &t); err != nil {
+		return nil, fmt.Errorf("daemon at %s: bad answer to a trace import: %w", c.Socket, err)
+	}
+	return &t, nil
 }
 
 func unwrapURLError(err error) error {

@@ -151,12 +151,13 @@ func runWarm(args []string) error {
 	orig := fs.String("origin", "", "origin to fill a template from when no export of it is attached")
 	generation := fs.String("generation", "", "with --origin: BASE is a template and this its generation")
 	noWait := fs.Bool("no-wait", false, "start the warm-up and return")
+	traceOnly := fs.Bool("trace-only", false, "fill only the chunks of the base's boot trace (a template's), not the whole base")
 	quiet := fs.Bool("q", false, "no progress bar")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
-		return errors.New("usage: vmthunder warm [--origin URL|PATH --generation G] [--no-wait] BASE")
+		return errors.New("usage: vmthunder warm [--origin URL|PATH --generation G] [--trace-only] [--no-wait] BASE")
 	}
 	base := fs.Arg(0)
 	o, err := absOrigin(*orig)
@@ -164,8 +165,8 @@ func runWarm(args []string) error {
 		return err
 	}
 	var req *api.WarmRequest
-	if o != "" || *generation != "" {
-		req = &api.WarmRequest{Origin: o, Generation: *generation}
+	if o != "" || *generation != "" || *traceOnly {
+		req = &api.WarmRequest{Origin: o, Generation: *generation, TraceOnly: *traceOnly}
 	}
 	c := newClient()
 	ctx, cancel := cliCtx()
