@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"github.com/vmthunder/vmthunder/internal/testbin"
@@ -59,27 +58,12 @@ func (b *bench) boot(kind string, d e2e.Disk) (time.Duration, error) {
 func run(rounds int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "vmthunder-bench-boot-")
+	rig, err := e2e.NewBenchRig("vmthunder-bench-boot-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if err := e2e.MakeShared(dir); err != nil {
-		return err
-	}
-	img, err := guestimage.Build(guestimage.Options{Dir: filepath.Join(dir, "image")})
-	if err != nil {
-		return err
-	}
-	bin, err := testbin.Vmthunder()
-	if err != nil {
-		return err
-	}
-	origin, err := e2e.StartOrigin(img.Root, dir)
-	if err != nil {
-		return err
-	}
-	defer origin.Stop()
+	defer rig.Close()
+	dir, img, bin, origin := rig.Dir, rig.Image, rig.Bin, rig.Origin
 	lab, err := e2e.Open()
 	if err != nil {
 		return err
@@ -146,17 +130,8 @@ func run(rounds int) error {
 	row := func(name string, ours, anchor time.Duration) {
 		fmt.Printf("%-40s %9.1fs %9.1fs %8.2f\n", name, ours.Seconds(), anchor.Seconds(), ours.Seconds()/anchor.Seconds())
 	}
-	row(fmt.Sprintf("warm boot, median of %d (vs local raw)", rounds), median(warm), median(local))
+	row(fmt.Sprintf("warm boot, median of %d (vs local raw)", rounds), e2e.Median(warm), e2e.Median(local))
 	row("cold boot (vs QEMU iSCSI direct)", cold, iscsi)
 	fmt.Println("goal: warm ratio <= 1.10")
 	return nil
-}
-
-func median(d []time.Duration) time.Duration {
-	s := append([]time.Duration(nil), d...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

@@ -17,7 +17,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -214,27 +213,12 @@ func run(rounds int, rates []string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "vmthunder-bench-prefetch-")
+	rig, err := e2e.NewBenchRig("vmthunder-bench-prefetch-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if err := e2e.MakeShared(dir); err != nil {
-		return err
-	}
-	img, err := guestimage.Build(guestimage.Options{Dir: filepath.Join(dir, "image")})
-	if err != nil {
-		return err
-	}
-	bin, err := testbin.Vmthunder()
-	if err != nil {
-		return err
-	}
-	origin, err := e2e.StartOrigin(img.Root, dir)
-	if err != nil {
-		return err
-	}
-	defer origin.Stop()
+	defer rig.Close()
+	dir, img, bin, origin := rig.Dir, rig.Image, rig.Bin, rig.Origin
 	if err := setupNetns(); err != nil {
 		return err
 	}
@@ -339,20 +323,11 @@ func run(rounds int, rates []string) error {
 		fmt.Printf("%-46s %9.1fs %9.1fs %8.2f\n", name, ours.Seconds(), anchor.Seconds(), ours.Seconds()/anchor.Seconds())
 	}
 	for _, r := range results {
-		anchor := max(median(r.warm), median(r.lim))
-		fmt.Printf("%d Mbit/s: warm boot %.1f s, transfer limit %.1f s; anchor = the larger\n", r.mbit, median(r.warm).Seconds(), median(r.lim).Seconds())
-		row(fmt.Sprintf("%d Mbit/s cold boot, trace replayed", r.mbit), median(r.trace), anchor)
-		row(fmt.Sprintf("%d Mbit/s cold boot, no trace", r.mbit), median(r.cold), anchor)
+		anchor := max(e2e.Median(r.warm), e2e.Median(r.lim))
+		fmt.Printf("%d Mbit/s: warm boot %.1f s, transfer limit %.1f s; anchor = the larger\n", r.mbit, e2e.Median(r.warm).Seconds(), e2e.Median(r.lim).Seconds())
+		row(fmt.Sprintf("%d Mbit/s cold boot, trace replayed", r.mbit), e2e.Median(r.trace), anchor)
+		row(fmt.Sprintf("%d Mbit/s cold boot, no trace", r.mbit), e2e.Median(r.cold), anchor)
 	}
 	fmt.Println("goal: cold boot with the trace <= 1.15x max(warm boot, working set / bandwidth)")
 	return nil
-}
-
-func median(d []time.Duration) time.Duration {
-	s := append([]time.Duration(nil), d...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
