@@ -160,12 +160,17 @@ func TestDropStale(t *testing.T) {
 		os.WriteFile(filepath.Join(dir, d, "bitmap"), []byte("x"), 0o600)
 	}
 	writeIdentity(filepath.Join(dir, "vol"), Binding{Origin: "path:/v"})
+	os.MkdirAll(filepath.Join(dir, "imported"), 0o700) // a trace imported before the first export
+	os.WriteFile(filepath.Join(dir, "imported", "trace"), []byte("t"), 0o600)
 	got, err := m.DropStale()
 	if err != nil || len(got) != 2 {
 		t.Fatalf("dropped %v, %v", got, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "tmpl", "bitmap")); err != nil {
 		t.Fatalf("template dropped: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "imported", "trace")); err != nil {
+		t.Fatalf("a directory with nothing cached dropped: %v", err)
 	}
 }
 

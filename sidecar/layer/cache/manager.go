@@ -259,8 +259,12 @@ func (m *Manager) DropStale() ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(m.dir, de.Name())
-		if b, err := readIdentity(dir); err == nil && b.IsTemplate() {
+		b, err := readIdentity(dir)
+		if err == nil && b.IsTemplate() {
 			continue
+		}
+		if _, berr := os.Stat(filepath.Join(dir, "bitmap")); errors.Is(err, os.ErrNotExist) && errors.Is(berr, os.ErrNotExist) {
+			continue // nothing cached yet (e.g. only an imported trace): nothing stale to serve
 		}
 		if err := removeUnlocked(dir); err != nil {
 			if !errors.Is(err, ErrInUse) {
