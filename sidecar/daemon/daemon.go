@@ -548,6 +548,7 @@ func (d *Daemon) Delete(id string, deleteCOW bool) error {
 		}
 	}
 	log := d.log.WithField("export", id)
+	d.stopVolumeWarm(e) // warm.go: a volume's cache goes with its last export
 	if err := d.closeExport(e); err != nil {
 		log.WithError(err).Warn("closing export")
 	}
@@ -619,6 +620,7 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 		}
 		// Its last export closing drops the volume's cache, made for the
 		// old size.
+		d.stopVolumeWarm(e)
 		if err := d.closeExport(e); err != nil {
 			d.log.WithError(err).WithField("export", id).Warn("closing export for refresh")
 		}

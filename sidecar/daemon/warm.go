@@ -20,6 +20,8 @@ import (
 type warmJob struct {
 	status api.WarmStatus
 	ref    *cache.Ref
+	cancel context.CancelFunc
+	done   chan struct{} // closed once the job holds no reference on the base
 }
 
 // Warm starts copying the whole base into the cache in the background. A
@@ -66,16 +68,30 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		d.mu.Unlock()
 		return &st, nil
 	}
-	j := &warmJob{status: api.WarmStatus{Base: id, State: api.WarmRunning, Started: time.Now().UTC().Format(time.RFC3339)}}
+	// A volume's cache lives only while it has an export: warm it only
+	// for an export that is not going away (Delete stops the warm-up of
+	// its base's last export, stopVolumeWarm), checked with the claim.
+	if opts.Template == "" && !d.volumeServedLocked(id, nil) {
+		d.mu.Unlock()
+		return nil, api.BadRequest(api.CodeMissingField, "base %q has no ready export on this node (a volume's cache lives only while it has an export)", base)
+	}
+	wctx, cancel := context.WithCancel(d.ctx)
+	j := &warmJob{status: api.WarmStatus{Base: id, State: api.WarmRunning, Started: time.Now().UTC().Format(time.RFC3339)},
+		cancel: cancel, done: make(chan struct{})}
 	d.warms[id] = j // claims the base: a second request sees it running
 	d.mu.Unlock()
 	base = id
-
-	ref, err := opts.OpenBase()
-	if err != nil {
+	abandon := func() {
 		d.mu.Lock()
 		delete(d.warms, id)
 		d.mu.Unlock()
+		cancel()
+		close(j.done)
+	}
+
+	ref, err := opts.OpenBase()
+	if err != nil {
+		abandon()
 		return nil, classify(err)
 	}
 	fill, total := ref.Warm, ref.Size()
@@ -84,9 +100,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		t, err := prefetch.Load(ref.Dir())
 		if err != nil {
 			ref.Close()
-			d.mu.Lock()
-			delete(d.warms, id)
-			d.mu.Unlock()
+			abandon()
 			if errors.Is(err, os.ErrNotExist) {
 				return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "base %s has no boot trace to warm (boot it once, or import one: vmthunder trace import)", id)
 			}
@@ -108,7 +122,9 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
-		err := fill(d.ctx, func(done, total int64) {
+		defer close(j.done)
+		defer cancel()
+		err := fill(wctx, func(done, total int64) {
 			d.mu.Lock()
 			j.status.DoneBytes, j.status.TotalBytes = done, total
 			d.mu.Unlock()
@@ -127,7 +143,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		}
 		switch {
 		case errors.Is(err, context.Canceled):
-			log.Info("warm-up stopped by shutdown")
+			log.Info("warm-up stopped (daemon shutdown, or the volume's last export went)")
 		case err != nil:
 			log.WithError(err).Error("warm-up failed")
 		default:
@@ -135,6 +151,38 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		}
 	}()
 	return &st, nil
+}
+
+// volumeServedLocked reports whether volume base id has a ready export
+// other than skip that no delete or refresh is working on; d.mu held.
+func (d *Daemon) volumeServedLocked(id string, skip *export) bool {
+	for _, e := range d.exports {
+		if e != skip && e.rec.baseID() == id && e.state == stateReady && !e.busy {
+			return true
+		}
+	}
+	return false
+}
+
+// stopVolumeWarm stops the warm-up of e's base when e is a volume's last
+// export and is going (delete, or a refresh re-assembling it), and waits
+// until the warm-up holds no reference: the volume's cache must go with
+// its last export, not live on in the warm-up to be served to the next
+// one after the volume changed elsewhere. e is busy (acquire).
+func (d *Daemon) stopVolumeWarm(e *export) {
+	if e.rec.template() != "" {
+		return
+	}
+	id := e.rec.baseID()
+	d.mu.Lock()
+	j := d.warms[id]
+	if j == nil || d.volumeServedLocked(id, e) {
+		d.mu.Unlock()
+		return
+	}
+	d.mu.Unlock()
+	j.cancel()
+	<-j.done
 }
 
 // openBases are the bases open now, for stats: every export's and every
