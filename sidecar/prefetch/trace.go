@@ -111,6 +111,12 @@ func Decode(raw []byte) (*Trace, error) {
 			err = fmt.Errorf("%w: chunk size %d, size %d, %d entries out of bounds", ErrFormat, cs, size, n)
 			return
 		}
+		// Each entry takes at least two bytes: a count the file cannot
+		// hold is not allocated for (a trace is API input).
+		if n > uint64(r.Len())/2 {
+			err = fmt.Errorf("%w: truncated: %d entries in %d bytes", ErrFormat, n, r.Len())
+			return
+		}
 		t.ChunkSize, t.Size = int64(cs), int64(size)
 		t.Chunks, t.MS = make([]int64, 0, n), make([]uint32, 0, n)
 		var c int64
@@ -178,13 +184,19 @@ func (t *Trace) Fits(size int64) error {
 }
 
 // Rechunk is the trace's order in chunks of cs bytes (the cache's), each
-// once, with the time of the first entry that covers it.
+// once, with the time of the first entry that covers it. Like a recorded
+// trace it has at most MaxEntries entries (the first ones): a trace of
+// large chunks on a cache of small ones would otherwise cost memory in
+// proportion to the base's size.
 func (t *Trace) Rechunk(cs int64) (chunks []int64, ms []uint32) {
 	seen := map[int64]bool{}
 	for i, c := range t.Chunks {
 		off := c * t.ChunkSize
 		end := min(off+t.ChunkSize, t.Size)
 		for k := off / cs; k <= (end-1)/cs; k++ {
+			if len(chunks) >= MaxEntries {
+				return chunks, ms
+			}
 			if !seen[k] {
 				seen[k] = true
 				chunks, ms = append(chunks, k), append(ms, t.MS[i])
