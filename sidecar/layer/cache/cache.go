@@ -125,11 +125,14 @@ func checkIdentity(dir string, bind Binding) (string, error) {
 	default:
 		return "", nil
 	}
-	files := []string{identityFile, "bitmap", "data", TraceFile}
+	// The trace goes first: a reset cut short after identity.json and the
+	// bitmap would leave what looks like a new directory, whose trace is
+	// kept (below).
+	files := []string{TraceFile, identityFile, "bitmap", "data"}
 	if errors.Is(err, os.ErrNotExist) && !filled && bind.IsTemplate() {
 		// A new directory: a trace imported for this template before its
 		// first open was made for this base id, so for this content.
-		files = files[:3]
+		files = files[1:]
 	}
 	for _, f := range files {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
