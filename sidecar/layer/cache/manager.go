@@ -400,6 +400,11 @@ func (m *Manager) Evict() {
 		if total <= m.budget {
 			break
 		}
+		if inf.BytesOnDisk == 0 {
+			// Nothing cached (a trace imported before the base's first
+			// export waits here): removing it frees nothing.
+			continue
+		}
 		m.mu.Lock()
 		if m.open[inf.ID] == nil && removeUnlocked(filepath.Join(m.dir, inf.ID)) == nil {
 			total -= inf.BytesOnDisk
