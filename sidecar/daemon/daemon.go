@@ -52,6 +52,7 @@ const (
 // Daemon.mu; busy marks an entry a create, delete or refresh is working on.
 type export struct {
 	rec   Record
+	cow   string // rec.CowPath resolved (checkCow): one store may have two names
 	state string
 	err   error
 	busy  bool
@@ -158,6 +159,9 @@ func (d *Daemon) Start() error {
 	d.reconcile(recs)
 	for _, r := range recs {
 		e := &export{rec: r, state: stateCreating, busy: true}
+		if r.CowPath != "" {
+			e.cow, _ = d.checkCow(r.CowPath)
+		}
 		d.exports[r.ID] = e
 	}
 	for _, r := range recs {
@@ -387,6 +391,10 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	if sp := d.socketPath(r.ID); len(sp) > 107 {
 		return nil, api.BadRequest(api.CodeInvalid, "id %q is too long: socket path %s exceeds 107 bytes", r.ID, sp)
 	}
+	var cowReal string // refused paths are answered by checkAccess below
+	if r.CowPath != "" {
+		cowReal, _ = d.checkCow(r.CowPath)
+	}
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
@@ -397,12 +405,12 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 		return nil, api.Errorf(http.StatusConflict, api.CodeExists, "export %q already exists", r.ID)
 	}
 	for _, o := range d.exports {
-		if r.CowPath != "" && o.rec.CowPath == r.CowPath {
+		if r.CowPath != "" && (o.rec.CowPath == r.CowPath || cowReal != "" && o.cow == cowReal) {
 			d.mu.Unlock()
 			return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "cow_path %s is used by export %q", r.CowPath, o.rec.ID)
 		}
 	}
-	e := &export{rec: r, state: stateCreating, busy: true}
+	e := &export{rec: r, cow: cowReal, state: stateCreating, busy: true}
 	d.exports[r.ID] = e
 	d.ops.Add(1)
 	d.mu.Unlock()
