@@ -1,0 +1,156 @@
+package peers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// quietLog drops net/http's own log lines (handshake errors of refused
+// peers): what matters is counted and returned instead.
+var quietLog = log.New(io.Discard, "", 0)
+
+// Peer is a member as the client dials it: its name (which its TLS
+// certificate must carry) and its chunk server's address.
+type Peer struct {
+	Name, Addr string
+}
+
+// ClientOptions bound the chunk client.
+type ClientOptions struct {
+	// Timeout bounds one chunk request, from dial to the last byte
+	// (default 2 s): a slow peer is skipped for the next candidate.
+	Timeout time.Duration
+	// MaxChunk is the largest chunk the client reads (default 4 MiB).
+	MaxChunk int64
+}
+
+// Client fetches chunks from peers over mutual TLS (HTTP/2: one
+// connection per peer, many requests in flight on it).
+type Client struct {
+	id   *Identity
+	opts ClientOptions
+	mu   sync.Mutex
+	hcs  map[Peer]*http.Client // one transport per member name and address
+}
+
+// FetchError is a failed chunk request. Unavailable is true when the peer
+// could not be reached or did not answer in time (as opposed to answering
+// with an error or bad bytes).
+type FetchError struct {
+	Peer        string
+	Status      int // HTTP status, 0 when there was no answer
+	Unavailable bool
+	Err         error
+}
+
+func (e *FetchError) Error() string {
+	if e.Status != 0 {
+		return fmt.Sprintf("peer %s: status %d: %v", e.Peer, e.Status, e.Err)
+	}
+	return fmt.Sprintf("peer %s: %v", e.Peer, e.Err)
+}
+
+func (e *FetchError) Unwrap() error { return e.Err }
+
+// NewClient makes a chunk client that authenticates as id.
+func NewClient(id *Identity, opts ClientOptions) *Client {
+	if opts.Timeout <= 0 {
+		opts.Timeout = 2 * time.Second
+	}
+	if opts.MaxChunk <= 0 {
+		opts.MaxChunk = 4 << 20
+	}
+	return &Client{id: id, opts: opts, hcs: map[Peer]*http.Client{}}
+}
+
+// client is the HTTP client of peer: its transport dials peer.Addr and
+// checks that the server's certificate names peer.Name. A member seen at
+// a new address gets a new transport (the old one's connections close).
+func (c *Client) client(peer Peer) *http.Client {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if hc := c.hcs[peer]; hc != nil {
+		return hc
+	}
+	for p, hc := range c.hcs {
+		if p.Name == peer.Name {
+			hc.CloseIdleConnections()
+			delete(c.hcs, p)
+		}
+	}
+	dialer := &net.Dialer{Timeout: c.opts.Timeout, KeepAlive: 15 * time.Second}
+	conf := c.id.ClientConfig()
+	conf.ServerName = peer.Name
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return dialer.DialContext(ctx, network, peer.Addr)
+		},
+		TLSClientConfig:        conf,
+		TLSHandshakeTimeout:    handshakeTimeout,
+		ForceAttemptHTTP2:      true,
+		MaxResponseHeaderBytes: 4 << 10,
+		IdleConnTimeout:        time.Minute,
+		HTTP2:                  &http.HTTP2Config{SendPingTimeout: 15 * time.Second, PingTimeout: 5 * time.Second},
+	}
+	hc := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return errors.New("peers do not redirect")
+	}}
+	c.hcs[peer] = hc
+	return hc
+}
+
+// Close drops the client's connections.
+func (c *Client) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p, hc := range c.hcs {
+		hc.CloseIdleConnections()
+		delete(c.hcs, p)
+	}
+}
+
+// Fetch reads chunk req.Index into p, whose length must be the chunk's
+// (req.ChunkSize, or less for the last chunk): an answer of any other
+// length is refused. The bytes are not verified here (see Source).
+func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) error {
+	fail := func(status int, unavailable bool, err error) error {
+		return &FetchError{Peer: peer.Name, Status: status, Unavailable: unavailable, Err: err}
+	}
+	if err := validName(peer.Name); err != nil {
+		return fail(0, false, err)
+	}
+	if int64(len(p)) > min(req.ChunkSize, c.opts.MaxChunk) || len(p) == 0 {
+		return fail(0, false, fmt.Errorf("chunk of %d bytes asked (chunk size %d, limit %d)", len(p), req.ChunkSize, c.opts.MaxChunk))
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel()
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+chunkPath+"?"+req.query(), nil)
+	if err != nil {
+		return fail(0, false, err)
+	}
+	resp, err := c.client(peer).Do(hr)
+	if err != nil {
+		return fail(0, true, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fail(resp.StatusCode, resp.StatusCode == http.StatusServiceUnavailable, errors.New(strings.TrimSpace(string(msg))))
+	}
+	if resp.ContentLength != int64(len(p)) {
+		return fail(resp.StatusCode, false, fmt.Errorf("answer of %s bytes for a chunk of %d", strconv.FormatInt(resp.ContentLength, 10), len(p)))
+	}
+	if _, err := io.ReadFull(resp.Body, p); err != nil {
+		return fail(resp.StatusCode, true, fmt.Errorf("read chunk: %w", err))
+	}
+	return nil
+}
