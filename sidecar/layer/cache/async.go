@@ -5,7 +5,7 @@ import (
 	"syscall"
 
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
-	"golang.org/x/sys/unix"
+	"github.com/vmthunder/vmthunder/sidecar/internal/fsutil"
 )
 
 // The asynchronous read path (blockdev.AsyncReader), so an export over a
@@ -51,7 +51,7 @@ func (r *Ref) Unwrap() blockdev.Device {
 	if err != nil {
 		return nil
 	}
-	return &asyncBase{Device: r, b: r.Base, src: src, tally: &r.tally, data: rc, mem: memFS(rc)}
+	return &asyncBase{Device: r, b: r.Base, src: src, tally: &r.tally, data: rc, mem: fsutil.InMemory(rc)}
 }
 
 func (a *asyncBase) Unplug() { a.src.Unplug() }
@@ -102,7 +102,7 @@ func (a *asyncBase) ReadAtAsync(p []byte, off int64, done func(error)) {
 // has them, else on a goroutine.
 func (a *asyncBase) readHit(p []byte, off int64, done func(error)) {
 	b := a.b
-	if readNow(a.data, a.mem, p, off) {
+	if fsutil.ReadNow(a.data, a.mem, p, off) {
 		b.fromCache.Add(uint64(len(p)))
 		a.tally.add(uint64(len(p)), 0)
 		done(nil)
@@ -181,36 +181,4 @@ func (t *chunkLocks) tryLock(c int64) *chunkLock {
 	}
 	l.refs++
 	return l
-}
-
-// memFS reports whether the file lives in memory (tmpfs, ramfs), where a
-// read never waits for a disk: there RWF_NOWAIT is refused, and not needed.
-func memFS(rc syscall.RawConn) bool {
-	var st unix.Statfs_t
-	var err error
-	if cerr := rc.Control(func(fd uintptr) { err = unix.Fstatfs(int(fd), &st) }); cerr != nil || err != nil {
-		return false
-	}
-	return st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC
-}
-
-// readNow reads all of p at off if it can without waiting for a disk
-// (the page cache has it, or the file is in memory). false: it could not,
-// or the read failed; the caller reads again on a goroutine of its own.
-// The read holds a reference on the file's descriptor (RawConn.Control,
-// as os.File.ReadAt does; RawConn.Read would serialize readers), so a file
-// closed meanwhile is an error, never another file that got its number.
-func readNow(rc syscall.RawConn, mem bool, p []byte, off int64) bool {
-	ok := false
-	err := rc.Control(func(fd uintptr) {
-		var n int
-		var err error
-		if mem {
-			n, err = unix.Pread(int(fd), p, off)
-		} else {
-			n, err = unix.Preadv2(int(fd), [][]byte{p}, off, unix.RWF_NOWAIT)
-		}
-		ok = err == nil && n == len(p)
-	})
-	return err == nil && ok
 }
