@@ -37,6 +37,14 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 	var opts stack.Options
 	found := false
 	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil, api.Errorf(http.StatusServiceUnavailable, api.CodeConflict, "daemon is shutting down")
+	}
+	// Close waits for ops before it waits for warm-ups (wg), so the
+	// warm-up this may start is counted before that wait.
+	d.ops.Add(1)
+	defer d.ops.Done()
 	for _, e := range d.exports {
 		if e.rec.baseID() == base || (req.Generation != "" && e.rec.template() == base && e.rec.Generation == req.Generation) {
 			opts, found = d.options(e.rec), true

@@ -98,6 +98,12 @@ func Open(path string, base blockdev.Device, o Options) (*Dev, error) {
 		f.Close()
 		return nil, fmt.Errorf("%w: cow store %s is open in another export or process", ErrInUse, path)
 	}
+	// A Remove that won the lock may have unlinked the store before we
+	// locked it: writes would go to a file no name reaches.
+	if !samePath(f, path) {
+		f.Close()
+		return nil, fmt.Errorf("%w: cow store %s was removed while it was being opened; try again", ErrInUse, path)
+	}
 	d, err := openLocked(path, bmPath, f, base, size, cl)
 	if err != nil {
 		f.Close()
@@ -427,6 +433,16 @@ func Remove(path string) error {
 		return err
 	}
 	return removeIfExists(path)
+}
+
+// samePath reports whether path still names the open file f.
+func samePath(f *os.File, path string) bool {
+	a, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	b, err := os.Lstat(path)
+	return err == nil && os.SameFile(a, b)
 }
 
 func removeIfExists(p string) error {
