@@ -111,6 +111,8 @@ type Base struct {
 	InUse        bool        `json:"in_use"`
 	Exports      int         `json:"exports"`
 	Warm         *WarmStatus `json:"warm,omitempty"`
+	// Peers is shown for a template base when [peers] is enabled.
+	Peers *BasePeers `json:"peers,omitempty"`
 }
 
 // BaseList is the answer to GET /v1/bases.

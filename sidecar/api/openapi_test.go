@@ -18,7 +18,7 @@ func TestDocsNameEveryField(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []any{CreateRequest{}, WarmRequest{}, Export{}, ExportStats{}, Base{}, WarmStatus{}, Health{}, Info{}, Stats{}, Error{}, Trace{}} {
+	for _, v := range []any{CreateRequest{}, WarmRequest{}, Export{}, ExportStats{}, Base{}, WarmStatus{}, Health{}, Info{}, Stats{}, Error{}, Trace{}, BasePeers{}, Manifest{}, PeerMember{}, Peers{}} {
 		rt := reflect.TypeOf(v)
 		for i := 0; i < rt.NumField(); i++ {
 			tag, _, _ := strings.Cut(rt.Field(i).Tag.Get("json"), ",")

@@ -62,6 +62,9 @@ type Config struct {
 	RecordWindow        time.Duration // how long a first boot is recorded; 0: the default
 	PrefetchLookahead   int           // trace entries the replay may run ahead of the guest; 0: the default
 	PrefetchConcurrency int           // replay fills in flight; 0: the default
+
+	// [peers]: template bases fill from other compute nodes (peers.go).
+	Peers Peers
 }
 
 // Defaults are the values used for keys the file does not set.
@@ -93,6 +96,7 @@ var known = map[string][]string{
 	"cache":    {"dir", "size_budget", "chunk_size"},
 	"metrics":  {"listen"},
 	"prefetch": {"enabled", "record_window", "lookahead", "concurrency"},
+	"peers":    peerKeys,
 }
 
 // Load reads path. The warnings are about keys and sections it does not
@@ -229,6 +233,9 @@ func Load(path string) (*Config, []string, error) {
 	if err := loadPrefetch(f.Section("prefetch"), c, bad); err != nil {
 		return nil, warnings, err
 	}
+	if err := loadPeers(f.Section("peers"), c, bad); err != nil {
+		return nil, warnings, err
+	}
 	if c.MetricsListen != "" {
 		if _, _, err := splitHostPort(c.MetricsListen); err != nil {
 			return nil, warnings, bad("metrics", "listen", err.Error())
@@ -295,6 +302,9 @@ func (c *Config) Validate() error {
 	}
 	if c.AllowedCowDirs == nil {
 		c.AllowedCowDirs = []string{filepath.Join(c.StateDir, "cow")}
+	}
+	if err := c.Peers.validate(); err != nil {
+		return err
 	}
 	for k, l := range map[string][]string{"allowed_origin_dirs": c.AllowedOriginDirs, "allowed_origin_devices": c.AllowedOriginDevices, "allowed_cow_dirs": c.AllowedCowDirs} {
 		for _, v := range l {

@@ -40,12 +40,19 @@ var (
 	dPrefSkipped = desc("prefetch_skipped_chunks_total", "Trace chunks the replay found already in the cache.", "base")
 	dRecording   = desc("trace_recording", "1 while a boot trace of the base is being recorded.", "base")
 	dReplaying   = desc("prefetch_replaying", "1 while the base's boot trace is being replayed.", "base")
+
+	dPeerBytes   = desc("peer_read_bytes_total", "Bytes of a template base's chunks this node read, by source (origin: its own origin; peers: other nodes, verified).", "base", "source")
+	dPeerServed  = desc("peer_served_bytes_total", "Bytes of a template base's chunks this node served to peers.", "base")
+	dPeerCorrupt = desc("peer_corrupt_chunks_total", "Chunks from peers that failed verification against the base's manifest and were dropped.", "base")
+	dPeerErrors  = desc("peer_errors_total", "Chunk requests to peers that failed (timeout, refused, error).", "base")
+	dPeerMembers = desc("peer_members", "Live members of the peers cluster as this node sees it (this node included).")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
 		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning,
-		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying} {
+		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying,
+		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerErrors, dPeerMembers} {
 		ch <- d
 	}
 }
@@ -114,6 +121,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		g(dBases, float64(max(len(infos)-len(open), 0)), "idle")
 	}
 	g(dBudget, float64(d.cfg.CacheBudget))
+	if p := d.peers; p != nil { // peers.go
+		g(dPeerMembers, float64(len(p.ml.Members())))
+		p.mu.Lock()
+		for id, s := range p.stats {
+			ctr(dPeerBytes, s.src.BytesFromOrigin.Load(), id, "origin")
+			ctr(dPeerBytes, s.src.BytesFromPeers.Load(), id, "peers")
+			ctr(dPeerServed, s.served.Load(), id)
+			ctr(dPeerCorrupt, s.src.CorruptChunks.Load(), id)
+			ctr(dPeerErrors, s.src.PeerErrors.Load(), id)
+		}
+		p.mu.Unlock()
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -69,6 +69,9 @@ type Daemon struct {
 	log *logrus.Logger
 	mgr *cache.Manager
 	pf  *prefetch.Manager // boot traces of template bases
+	// peers is this node's place among the peers, nil unless [peers]
+	// enabled (peers.go).
+	peers *peerNode
 
 	reg  *prometheus.Registry
 	mset *metrics.Set
@@ -150,6 +153,9 @@ func (d *Daemon) Registry() *prometheus.Registry { return d.reg }
 // table in state "error" and are retried.
 func (d *Daemon) Start() error {
 	if err := d.prepareSocketDirs(); err != nil {
+		return err
+	}
+	if err := d.startPeers(); err != nil { // peers.go; before the exports, whose bases use it
 		return err
 	}
 	recs, err := loadState(d.statePath())
@@ -235,6 +241,7 @@ func (d *Daemon) Close() error {
 			errs = append(errs, fmt.Errorf("export %s: %w", e.rec.ID, err))
 		}
 	}
+	d.stopPeers()
 	d.serveWG.Wait()
 	d.lock.Close()
 	d.log.Info("vmthunder daemon stopped")
@@ -305,7 +312,7 @@ func (r Record) baseID() string {
 func (d *Daemon) options(r Record) stack.Options {
 	return stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
 		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath,
-		Metrics: d.mset, Name: r.ID, Prefetch: d.pf}
+		Metrics: d.mset, Name: r.ID, Prefetch: d.pf, PeerSource: d.peerSource()}
 }
 
 // open builds the export's stack and serves it on its socket.
@@ -323,6 +330,7 @@ func (d *Daemon) open(e *export) error {
 	if err != nil {
 		return err
 	}
+	d.peerServe(ex.BaseID(), ex.Cache()) // peers.go: a template base with a manifest
 	top := ex.Metrics()
 	srv := nbd.NewServer(d.log.WithField("export", r.ID), nbd.WithMemoryBudget(d.nbdMemory))
 	if err := srv.Add(r.ID, ex); err != nil {

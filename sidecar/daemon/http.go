@@ -47,6 +47,7 @@ func (d *Daemon) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST "+v+"/bases/{id}/warm", d.hWarm)
 	d.traceRoutes(mux, v) // trace.go
+	d.peerRoutes(mux, v)  // peers.go
 	mux.HandleFunc("GET "+v+"/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, d.Health())
 	})

@@ -102,6 +102,7 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		abandon()
 		return nil, classify(err)
 	}
+	d.peerServe(id, ref) // peers.go
 	fill, total := ref.Warm, ref.Size()
 	if req.TraceOnly {
 		// Opening the base dropped a trace of other content (cache.TraceFile).
@@ -239,6 +240,7 @@ func (d *Daemon) Bases() ([]api.Base, error) {
 			st := j.status
 			b.Warm = &st
 		}
+		d.peerView(&b) // peers.go
 		seen[inf.ID] = true
 		out = append(out, b)
 	}

@@ -67,6 +67,28 @@ type Options struct {
 	// OpenOrigin opens the origin; nil: OpenOrigin. Tests put a memdev
 	// here; the daemon may hand out origins it manages.
 	OpenOrigin func(origin.Spec) (blockdev.Device, error)
+	// PeerSource, when set, makes the source of a template base's cache
+	// when the base is opened: it wraps the origin (the daemon's is a
+	// peers.Source when [peers] is enabled and the base has a manifest)
+	// and owns it. It is never asked for a volume's base: a volume's
+	// bytes are its own and are never shared between nodes.
+	PeerSource func(baseID string, bind cache.Binding, origin blockdev.Device) (blockdev.Device, error)
+}
+
+// source opens the cache's source of base id: the origin, wrapped by
+// PeerSource for a template base.
+func (o Options) source(id string, bind cache.Binding, spec origin.Spec) func() (blockdev.Device, error) {
+	openOrigin := o.OpenOrigin
+	if openOrigin == nil {
+		openOrigin = OpenOrigin
+	}
+	return func() (blockdev.Device, error) {
+		d, err := openOrigin(spec)
+		if err != nil || o.PeerSource == nil || !bind.IsTemplate() {
+			return d, err
+		}
+		return o.PeerSource(id, bind, d)
+	}
 }
 
 // ErrNotBuilt marks a layer that is not implemented yet.
@@ -214,11 +236,7 @@ func (o Options) OpenBase() (*cache.Ref, error) {
 	}
 	spec := o.Origin
 	spec.ReadOnly = spec.ReadOnly || mode != ModeWriteThrough
-	openOrigin := o.OpenOrigin
-	if openOrigin == nil {
-		openOrigin = OpenOrigin
-	}
-	return m.OpenFunc(id, bind, o.ChunkSize, func() (blockdev.Device, error) { return openOrigin(spec) })
+	return m.OpenFunc(id, bind, o.ChunkSize, o.source(id, bind, spec))
 }
 
 // Build opens the origin and stacks the layers Options asks for.
@@ -250,7 +268,7 @@ func Build(o Options) (*Export, error) {
 		if err != nil {
 			return nil, err
 		}
-		r, err := m.OpenFunc(id, bind, o.ChunkSize, func() (blockdev.Device, error) { return openOrigin(spec) })
+		r, err := m.OpenFunc(id, bind, o.ChunkSize, o.source(id, bind, spec))
 		if err != nil {
 			return nil, err
 		}
