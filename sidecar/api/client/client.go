@@ -236,3 +236,30 @@ func (c *Client) WaitHealthy(ctx context.Context) error {
 		}
 	}
 }
+
+// Peers is the daemon's view of the peers cluster (GET /v1/peers).
+func (c *Client) Peers(ctx context.Context) (*api.Peers, error) {
+	var v api.Peers
+	if err := c.Do(ctx, http.MethodGet, p("/peers"), nil, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// ImportManifest stores raw as template base id's chunk manifest; root,
+// when set, pins its root digest.
+func (c *Client) ImportManifest(ctx context.Context, id string, raw []byte, root string) (*api.Manifest, error) {
+	path := p("/bases/%s/manifest", id)
+	if root != "" {
+		path += "?root=" + url.QueryEscape(root)
+	}
+	data, err := c.send(ctx, http.MethodPost, path, bytes.NewReader(raw), "application/octet-stream")
+	if err != nil {
+		return nil, err
+	}
+	var m api.Manifest
+	if err := json.Unmarshal(data, &m); err != nil {
+		return nil, fmt.Errorf("daemon at %s: bad answer to a manifest import: %w", c.Socket, err)
+	}
+	return &m, nil
+}
