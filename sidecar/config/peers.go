@@ -121,7 +121,8 @@ func (p *Peers) validate() error {
 			return err
 		}
 	}
-	for key, v := range map[string]string{"ca_file": p.CAFile, "cert_file": p.CertFile, "key_file": p.KeyFile} {
+	for _, kv := range [][2]string{{"ca_file", p.CAFile}, {"cert_file", p.CertFile}, {"key_file", p.KeyFile}} {
+		key, v := kv[0], kv[1]
 		if v == "" {
 			return bad(key, "required when [peers] enabled = true (chunks move over mutual TLS)")
 		}
