@@ -213,11 +213,6 @@ func (s *peerSourceDev) Close() error {
 
 func (p *peerNode) closed(id string, pb *peerBase) {
 	p.mu.Lock()
-	if pb == nil {
-		delete(p.reason, id)
-		p.mu.Unlock()
-		return
-	}
 	un := pb.unregister
 	if p.bases[id] == pb {
 		delete(p.bases, id)
