@@ -9,6 +9,7 @@ require (
 	github.com/schollz/progressbar/v3 v3.17.1
 	github.com/sirupsen/logrus v1.9.3
 	golang.org/x/sys v0.47.0
+	golang.org/x/time v0.16.0
 	gopkg.in/ini.v1 v1.67.0
 	libvirt.org/go/libvirt v1.12007.0
 	libvirt.org/go/libvirtxml v1.12008.0

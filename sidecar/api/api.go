@@ -152,6 +152,9 @@ type Trace struct {
 	Recording  bool   `json:"recording"`   // a boot is being recorded now
 	Replaying  bool   `json:"replaying"`   // the trace is being replayed now
 	BackedOff  bool   `json:"backed_off"`  // the last replay stopped: the guest left the trace
+	// FromPeer is the member the stored trace was fetched from ("": recorded
+	// or imported here).
+	FromPeer string `json:"from_peer,omitempty"`
 	// Replay counters since the daemon started.
 	PrefetchedChunks uint64 `json:"prefetched_chunks"`
 	PrefetchedBytes  uint64 `json:"prefetched_bytes"`

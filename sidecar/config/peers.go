@@ -27,6 +27,10 @@ type Peers struct {
 	CAFile, CertFile, KeyFile string
 	// Listen is the chunk server's address (mutual TLS).
 	Listen string
+	// OriginRate caps the bytes per second template bases read from their
+	// origins (guest misses and prefetch alike); ServeRate, the bytes per
+	// second served to peers. 0: unlimited.
+	OriginRate, ServeRate int64
 }
 
 // Default ports of [peers] bind and listen.
@@ -35,7 +39,7 @@ const (
 	DefaultPeersListen = "0.0.0.0:7947"
 )
 
-var peerKeys = []string{"enabled", "bind", "advertise", "join", "gossip_key_file", "ca_file", "cert_file", "key_file", "listen"}
+var peerKeys = []string{"enabled", "bind", "advertise", "join", "gossip_key_file", "ca_file", "cert_file", "key_file", "listen", "origin_rate", "serve_rate"}
 
 func loadPeers(s *ini.Section, c *Config, bad func(sec, key, why string) error) error {
 	get := func(key string) (string, bool) {
@@ -55,6 +59,15 @@ func loadPeers(s *ini.Section, c *Config, bad func(sec, key, why string) error) 
 		"gossip_key_file": &c.Peers.GossipKeyFile, "ca_file": &c.Peers.CAFile, "cert_file": &c.Peers.CertFile, "key_file": &c.Peers.KeyFile} {
 		if v, ok := get(key); ok {
 			*dst = v
+		}
+	}
+	for key, dst := range map[string]*int64{"origin_rate": &c.Peers.OriginRate, "serve_rate": &c.Peers.ServeRate} {
+		if v, ok := get(key); ok {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				return bad("peers", key, fmt.Sprintf("%q is not a number of bytes per second (0: unlimited)", v))
+			}
+			*dst = n
 		}
 	}
 	if v, ok := get("join"); ok {

@@ -133,9 +133,11 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 		lk.Close()
 		return nil, err
 	}
+	var d *Daemon
 	pf := prefetch.NewManager(prefetch.Config{Disabled: !cfg.PrefetchEnabled, RecordWindow: cfg.RecordWindow,
-		Lookahead: cfg.PrefetchLookahead, Concurrency: cfg.PrefetchConcurrency, Log: log})
-	d := &Daemon{cfg: cfg, log: log, mgr: mgr, pf: pf, lock: lk,
+		Lookahead: cfg.PrefetchLookahead, Concurrency: cfg.PrefetchConcurrency, Log: log,
+		Fetch: func(id string, size, _ int64) (*prefetch.Trace, string) { return d.peerTrace(id, size) }})
+	d = &Daemon{cfg: cfg, log: log, mgr: mgr, pf: pf, lock: lk,
 		exports: map[string]*export{}, warms: map[string]*warmJob{},
 		reg: prometheus.NewRegistry(), RetryInterval: 10 * time.Second,
 		nbdMemory: nbd.NewMemoryBudget(nbd.DefaultServerMemory)}

@@ -28,12 +28,14 @@ import (
 
 	"github.com/hashicorp/memberlist"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/time/rate"
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 	"github.com/vmthunder/vmthunder/sidecar/internal/fsutil"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 	"github.com/vmthunder/vmthunder/sidecar/peers"
+	"github.com/vmthunder/vmthunder/sidecar/prefetch"
 )
 
 // ManifestFile is a template base's manifest, beside its cache.
@@ -52,11 +54,14 @@ type peerNode struct {
 	cl   *peers.Client
 	ln   net.Listener
 	done chan struct{}
+	// originLimit caps template bases' origin reads ([peers] origin_rate).
+	originLimit *rate.Limiter
 
 	mu     sync.Mutex
-	bases  map[string]*peerBase  // open template bases filling from peers
-	stats  map[string]*peerStats // per base, for as long as the daemon runs
-	reason map[string]string     // open template bases filling from the origin only: why
+	bases  map[string]*peerBase     // open template bases filling from peers
+	stats  map[string]*peerStats    // per base, for as long as the daemon runs
+	reason map[string]string        // open template bases filling from the origin only: why
+	keys   map[string]peers.BaseKey // every template base opened, for asking peers its trace
 }
 
 type peerBase struct {
@@ -95,8 +100,9 @@ func (d *Daemon) startPeers() error {
 		return fmt.Errorf("[peers] listen: %w", err)
 	}
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
-	p := &peerNode{d: d, id: id, srv: peers.NewServer(id.Name, peers.ServerOptions{}), cl: peers.NewClient(id, peers.ClientOptions{}),
-		ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}}
+	p := &peerNode{d: d, id: id, cl: peers.NewClient(id, peers.ClientOptions{}), originLimit: peers.NewLimiter(pc.OriginRate),
+		ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}}
+	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile})
 	p.ml, err = peers.JoinCluster(peers.MembershipOptions{Name: id.Name, Bind: pc.Bind, Advertise: pc.Advertise, Join: pc.Join,
 		SecretKey: key, ChunkAddr: pc.ChunkAddr(port), LogOutput: d.log.WithField("component", "memberlist").WriterLevel(logrus.DebugLevel), Tune: peerTune})
 	if err != nil {
@@ -168,12 +174,16 @@ func (p *peerNode) statsOf(id string) *peerStats {
 // origin (and the base's API view says why).
 func (p *peerNode) source(id string, bind cache.Binding, origin blockdev.Device) (blockdev.Device, error) {
 	log := p.d.log.WithField("base", id)
+	key := peers.BaseKey{ID: id, Template: bind.Template, Generation: bind.Generation}
+	p.mu.Lock()
+	p.keys[id] = key
+	p.mu.Unlock()
 	fromOrigin := func(why string) (blockdev.Device, error) {
 		p.mu.Lock()
 		p.reason[id] = why
 		p.mu.Unlock()
 		log.WithField("why", why).Info("peers: base fills from its origin only")
-		return origin, nil
+		return peers.LimitOrigin(origin, p.originLimit), nil
 	}
 	m, err := peers.ReadManifestFile(filepath.Join(p.d.mgr.Dir(), id, ManifestFile), "")
 	switch {
@@ -183,8 +193,7 @@ func (p *peerNode) source(id string, bind cache.Binding, origin blockdev.Device)
 		return fromOrigin(err.Error())
 	}
 	st := p.statsOf(id)
-	key := peers.BaseKey{ID: id, Template: bind.Template, Generation: bind.Generation}
-	src, err := peers.NewSource(origin, peers.SourceOptions{Key: key, Manifest: m, Members: p.ml, Fetcher: p.cl, Stats: &st.src})
+	src, err := peers.NewSource(origin, peers.SourceOptions{Key: key, Manifest: m, Members: p.ml, Fetcher: p.cl, Stats: &st.src, OriginLimit: p.originLimit})
 	if err != nil {
 		return fromOrigin(err.Error())
 	}
@@ -277,6 +286,63 @@ func (c countingReader) ReadChunk(b []byte, off int64) error {
 		c.n.Add(uint64(len(b)))
 	}
 	return err
+}
+
+// traceFile is the chunk server's answer to GET /v1/trace: the stored
+// boot trace of a base this node serves.
+func (p *peerNode) traceFile(key peers.BaseKey) ([]byte, error) {
+	t, err := prefetch.Load(filepath.Join(p.d.mgr.Dir(), key.ID))
+	if err != nil {
+		return nil, err
+	}
+	return t.Encode()
+}
+
+// maxTracePeers is how many members serving a base are asked for its trace.
+const maxTracePeers = 3
+
+// peerTrace is prefetch.Config.Fetch: a template base without a boot
+// trace asks the members that serve it for theirs (over the chunk
+// server's mutual TLS). A trace is decoded with its bounds and must be of
+// a base of size bytes; it only orders prefetches (the bytes are verified
+// below, by the manifest or from the origin), so a wrong one at worst
+// wastes bandwidth within the lookahead until the replay backs off.
+func (d *Daemon) peerTrace(id string, size int64) (*prefetch.Trace, string) {
+	p := d.peers
+	if p == nil {
+		return nil, ""
+	}
+	p.mu.Lock()
+	key, ok := p.keys[id]
+	p.mu.Unlock()
+	if !ok {
+		return nil, ""
+	}
+	log := d.log.WithField("base", id)
+	self, asked := p.ml.Self(), 0
+	for _, peer := range p.ml.Serving(id) {
+		if peer.Name == self || asked >= maxTracePeers {
+			continue
+		}
+		asked++
+		ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+		raw, err := p.cl.FetchTrace(ctx, peer, key)
+		cancel()
+		if err != nil {
+			log.WithError(err).Debug("peers: no boot trace from peer")
+			continue
+		}
+		t, err := prefetch.Decode(raw)
+		if err == nil {
+			err = t.Fits(size)
+		}
+		if err != nil {
+			log.WithError(err).WithField("peer", peer.Name).Warn("peers: boot trace from peer refused")
+			continue
+		}
+		return t, peer.Name
+	}
+	return nil, ""
 }
 
 // peerServe serves an export's or warm-up's template base to peers.

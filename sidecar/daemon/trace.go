@@ -42,6 +42,11 @@ func (d *Daemon) Trace(id string) (*api.Trace, error) {
 	switch {
 	case err == nil:
 		out.Present, out.Chunks, out.ChunkSize, out.Bytes, out.DurationMS = true, len(t.Chunks), t.ChunkSize, t.Bytes(), int64(t.Duration())
+		if s.FetchedFrom != "" {
+			if raw, err := t.Encode(); err == nil && prefetch.Sum(raw) == s.FetchedSum {
+				out.FromPeer = s.FetchedFrom
+			}
+		}
 	case errors.Is(err, os.ErrNotExist):
 		if !s.Recording {
 			return nil, api.Errorf(http.StatusNotFound, api.CodeNotFound, "base %q has no boot trace and records none", id)

@@ -154,3 +154,44 @@ func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) er
 	}
 	return nil
 }
+
+// FetchTrace asks peer for the boot trace file of base key (at most
+// MaxTraceBytes; not decoded here). A peer without one answers 404: a
+// FetchError with Status 404.
+func (c *Client) FetchTrace(ctx context.Context, peer Peer, key BaseKey) ([]byte, error) {
+	fail := func(status int, unavailable bool, err error) error {
+		return &FetchError{Peer: peer.Name, Status: status, Unavailable: unavailable, Err: err}
+	}
+	if err := validName(peer.Name); err != nil {
+		return nil, fail(0, false, err)
+	}
+	if err := key.validate(); err != nil {
+		return nil, fail(0, false, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel()
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+tracePath+"?"+key.query(), nil)
+	if err != nil {
+		return nil, fail(0, false, err)
+	}
+	resp, err := c.client(peer).Do(hr)
+	if err != nil {
+		return nil, fail(0, true, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, fail(resp.StatusCode, resp.StatusCode == http.StatusServiceUnavailable, errors.New(strings.TrimSpace(string(msg))))
+	}
+	if resp.ContentLength > MaxTraceBytes {
+		return nil, fail(resp.StatusCode, false, fmt.Errorf("trace of %d bytes: the limit is %d", resp.ContentLength, MaxTraceBytes))
+	}
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, MaxTraceBytes+1))
+	if err != nil {
+		return nil, fail(resp.StatusCode, true, fmt.Errorf("read trace: %w", err))
+	}
+	if len(raw) > MaxTraceBytes {
+		return nil, fail(resp.StatusCode, false, fmt.Errorf("trace larger than %d bytes", MaxTraceBytes))
+	}
+	return raw, nil
+}

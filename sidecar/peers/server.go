@@ -7,10 +7,13 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
 )
@@ -50,7 +53,39 @@ type Request struct {
 	Index     int64
 }
 
-const chunkPath = "/v1/chunk"
+const (
+	chunkPath = "/v1/chunk"
+	tracePath = "/v1/trace"
+)
+
+// MaxTraceBytes bounds a boot trace file asked from a peer (as
+// prefetch.MaxFileBytes bounds one on disk).
+const MaxTraceBytes = 16 << 20
+
+func (k BaseKey) query() string {
+	return url.Values{"base": {k.ID}, "template": {k.Template}, "generation": {k.Generation}}.Encode()
+}
+
+func parseQuery(raw string) (url.Values, error) {
+	if len(raw) > 2048 {
+		return nil, errors.New("query too long")
+	}
+	q, err := url.ParseQuery(raw)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range q {
+		if len(v) != 1 {
+			return nil, fmt.Errorf("parameter %q given %d times", k, len(v))
+		}
+	}
+	return q, nil
+}
+
+func parseKey(q url.Values) (BaseKey, error) {
+	k := BaseKey{ID: q.Get("base"), Template: q.Get("template"), Generation: q.Get("generation")}
+	return k, k.validate()
+}
 
 func (r Request) query() string {
 	return url.Values{
@@ -60,20 +95,12 @@ func (r Request) query() string {
 }
 
 func parseRequest(raw string) (Request, error) {
-	if len(raw) > 2048 {
-		return Request{}, errors.New("query too long")
-	}
-	q, err := url.ParseQuery(raw)
+	q, err := parseQuery(raw)
 	if err != nil {
 		return Request{}, err
 	}
-	for k, v := range q {
-		if len(v) != 1 {
-			return Request{}, fmt.Errorf("parameter %q given %d times", k, len(v))
-		}
-	}
-	r := Request{Base: BaseKey{ID: q.Get("base"), Template: q.Get("template"), Generation: q.Get("generation")}}
-	if err := r.Base.validate(); err != nil {
+	var r Request
+	if r.Base, err = parseKey(q); err != nil {
 		return Request{}, err
 	}
 	if r.ChunkSize, err = strconv.ParseInt(q.Get("chunk_size"), 10, 64); err != nil || !validChunkSize(r.ChunkSize) {
@@ -99,6 +126,12 @@ type ServerOptions struct {
 	// MaxInFlight is how many chunks are read at once for peers (default
 	// 64); more requests wait, up to their own deadline.
 	MaxInFlight int
+	// ServeLimit, when set, caps the bytes served to peers per second
+	// ([peers] serve_rate), chunks and traces together.
+	ServeLimit *rate.Limiter
+	// Trace, when set, is the boot trace file of an open base (GET
+	// /v1/trace); an error wrapping os.ErrNotExist when it has none.
+	Trace func(key BaseKey) ([]byte, error)
 }
 
 // ServerStats are the chunk server's counters.
@@ -206,6 +239,10 @@ func (s *Server) refuse(w http.ResponseWriter, code int, format string, args ...
 // ServeHTTP answers GET /v1/chunk?base=&template=&generation=&chunk_size=&index=
 // with the chunk's bytes.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == tracePath {
+		s.serveTrace(w, r)
+		return
+	}
 	if r.URL.Path != chunkPath {
 		s.refuse(w, http.StatusNotFound, "not found")
 		return
@@ -265,6 +302,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.corrupt.Load() {
 		p[len(p)/2] ^= 0x5a
 	}
+	if err := WaitBytes(r.Context(), s.opts.ServeLimit, len(p)); err != nil {
+		return
+	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
 	w.WriteHeader(http.StatusOK)
@@ -272,6 +312,59 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.requests.Add(1)
 		s.served.Add(uint64(n))
 	}
+}
+
+// serveTrace answers GET /v1/trace?base=&template=&generation= with the
+// boot trace file of a base open here, under the same checks as a chunk
+// (a client certificate of the cluster, the base open here as exactly
+// that template generation).
+func (s *Server) serveTrace(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		s.refuse(w, http.StatusMethodNotAllowed, "GET only")
+		return
+	}
+	if peerName(r.TLS) == "" {
+		s.refuse(w, http.StatusUnauthorized, "no client certificate")
+		return
+	}
+	q, err := parseQuery(r.URL.RawQuery)
+	if err != nil {
+		s.refuse(w, http.StatusBadRequest, "bad trace request: %v", err)
+		return
+	}
+	key, err := parseKey(q)
+	if err != nil {
+		s.refuse(w, http.StatusBadRequest, "bad trace request: %v", err)
+		return
+	}
+	s.mu.RLock()
+	b := s.bases[key.ID]
+	s.mu.RUnlock()
+	if b == nil || b.key != key || s.opts.Trace == nil {
+		s.refuse(w, http.StatusNotFound, "base %s (template %s generation %s) is not open here", key.ID, key.Template, key.Generation)
+		return
+	}
+	raw, err := s.opts.Trace(key)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		s.refuse(w, http.StatusNotFound, "base %s has no boot trace here", key.ID)
+		return
+	case err != nil:
+		s.failed.Add(1)
+		http.Error(w, fmt.Sprintf("trace of %s: %v", key.ID, err), http.StatusServiceUnavailable)
+		return
+	case len(raw) > MaxTraceBytes:
+		s.failed.Add(1)
+		http.Error(w, "trace too large", http.StatusServiceUnavailable)
+		return
+	}
+	if err := WaitBytes(r.Context(), s.opts.ServeLimit, len(raw)); err != nil {
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.Itoa(len(raw)))
+	w.WriteHeader(http.StatusOK)
+	w.Write(raw)
 }
 
 func (s *Server) buf(size int64) *[]byte {

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/vmthunder/vmthunder/sidecar/blockdev"
 )
 
@@ -41,6 +43,10 @@ type SourceOptions struct {
 	// bytes that fail verification, is skipped (default 3 s); then it is
 	// asked again.
 	Cooldown time.Duration
+	// OriginLimit, when set, caps the bytes read from the origin per
+	// second ([peers] origin_rate; one limiter for every source of the
+	// node). Guest misses and prefetch fills both come through here.
+	OriginLimit *rate.Limiter
 	// Stats, when set, is where the source counts (several sources may
 	// share one); nil: its own.
 	Stats *SourceStats
@@ -137,6 +143,9 @@ func (s *Source) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (s *Source) fromOrigin(p []byte, off int64) (int, error) {
+	if err := WaitBytes(context.Background(), s.o.OriginLimit, len(p)); err != nil {
+		return 0, err
+	}
 	n, err := s.origin.ReadAt(p, off)
 	if err == nil {
 		s.stats.BytesFromOrigin.Add(uint64(n))
@@ -268,6 +277,29 @@ func (s *Source) Caps() blockdev.Caps {
 	return c
 }
 func (s *Source) Close() error { return s.origin.Close() }
+
+// LimitOrigin caps the reads of origin at l's rate (nil l: origin
+// itself): the origin of a template base that fills without peers obeys
+// [peers] origin_rate too. The result has no asynchronous read path, so
+// every read passes the limiter.
+func LimitOrigin(origin blockdev.Device, l *rate.Limiter) blockdev.Device {
+	if l == nil {
+		return origin
+	}
+	return &limitedDev{Device: origin, l: l}
+}
+
+type limitedDev struct {
+	blockdev.Device
+	l *rate.Limiter
+}
+
+func (d *limitedDev) ReadAt(p []byte, off int64) (int, error) {
+	if err := WaitBytes(context.Background(), d.l, len(p)); err != nil {
+		return 0, err
+	}
+	return d.Device.ReadAt(p, off)
+}
 
 // StaticMembers is a fixed member list (tests, or a cluster without
 // gossip): every member serves every base.

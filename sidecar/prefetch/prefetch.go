@@ -56,6 +56,14 @@ type Config struct {
 	// Disabled: no recording and no replay (Attach returns the reference).
 	Disabled bool
 	Log      logrus.FieldLogger
+	// Fetch, when set, is asked for a trace when a base without one opens
+	// (the daemon asks its peers): it returns the trace and where it came
+	// from, or nil to record one here. A fetched trace that does not fit
+	// the base is dropped. A trace only orders prefetches (every byte is
+	// still verified below), so a bad one can at worst waste bandwidth,
+	// within the lookahead, and the replay backs off when the guest leaves
+	// it.
+	Fetch func(id string, size, chunkSize int64) (t *Trace, from string)
 }
 
 // Defaults.
@@ -82,11 +90,22 @@ type Stats struct {
 	HitBytes        uint64
 	Skipped         uint64 // trace chunks already present
 	WastedBytes     uint64 // prefetched bytes no guest read before the replay's base closed
+	// FetchedFrom is where the last trace fetched for the base (Config.Fetch)
+	// came from, and FetchedSum the CRC-32 of its file: a caller tells
+	// whether the stored trace is still that one.
+	FetchedFrom string
+	FetchedSum  uint32
+}
+
+type fetched struct {
+	from string
+	sum  uint32
 }
 
 type counters struct {
 	prefetched, prefetchedBytes, hits, hitBytes, skipped, wasted atomic.Uint64
 	backedOff                                                    atomic.Bool
+	fetched                                                      atomic.Pointer[fetched]
 }
 
 // Manager keeps the record and replay state of every open base. One per
@@ -147,6 +166,12 @@ func (m *Manager) Attach(id string, ref *cache.Ref) blockdev.Device {
 		return ref
 	}
 	m.mu.Lock()
+	open := m.bases[id] != nil
+	m.mu.Unlock()
+	if !open && m.cfg.Fetch != nil {
+		m.fetch(id, ref.Base) // not under m.mu: it may take a round trip
+	}
+	m.mu.Lock()
 	st := m.bases[id]
 	if st == nil {
 		st = m.open(id, ref.Base)
@@ -159,6 +184,39 @@ func (m *Manager) Attach(id string, ref *cache.Ref) blockdev.Device {
 		return &asyncTap{tap: t, src: a}
 	}
 	return t
+}
+
+// fetch asks Config.Fetch for a trace of base b when it has none, and
+// stores one that fits it.
+func (m *Manager) fetch(id string, b *cache.Base) {
+	if _, err := os.Stat(Path(b.Dir())); !errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	t, from := m.cfg.Fetch(id, b.Size(), b.ChunkSize())
+	if t == nil {
+		return
+	}
+	log := m.log.WithFields(logrus.Fields{"base": id, "from": from})
+	if err := t.Fits(b.Size()); err != nil {
+		log.WithError(err).Warn("fetched boot trace does not fit the base: dropped")
+		return
+	}
+	raw, err := t.Encode()
+	if err != nil {
+		log.WithError(err).Warn("fetched boot trace is not valid: dropped")
+		return
+	}
+	if _, err := os.Stat(Path(b.Dir())); !errors.Is(err, os.ErrNotExist) {
+		return // one was stored meanwhile
+	}
+	if err := Save(b.Dir(), t); err != nil {
+		log.WithError(err).Warn("could not store the fetched boot trace")
+		return
+	}
+	m.mu.Lock()
+	m.counters(id).fetched.Store(&fetched{from: from, sum: Sum(raw)})
+	m.mu.Unlock()
+	log.WithField("chunks", len(t.Chunks)).Info("boot trace fetched")
 }
 
 func (m *Manager) counters(id string) *counters {
@@ -276,6 +334,9 @@ func (m *Manager) Stats(id string) Stats {
 	s.Prefetched, s.PrefetchedBytes = c.prefetched.Load(), c.prefetchedBytes.Load()
 	s.Hits, s.HitBytes = c.hits.Load(), c.hitBytes.Load()
 	s.Skipped, s.WastedBytes = c.skipped.Load(), c.wasted.Load()
+	if f := c.fetched.Load(); f != nil {
+		s.FetchedFrom, s.FetchedSum = f.from, f.sum
+	}
 	return s
 }
 

@@ -78,6 +78,14 @@ func (t *Trace) Encode() ([]byte, error) {
 	return b.Bytes(), nil
 }
 
+// Sum is the checksum a trace file ends with (CRC-32 of the rest).
+func Sum(raw []byte) uint32 {
+	if len(raw) < 4 {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(raw[len(raw)-4:])
+}
+
 // Decode reads a trace's file form and checks it.
 func Decode(raw []byte) (*Trace, error) {
 	if len(raw) > MaxFileBytes {
