@@ -78,12 +78,8 @@ type Options struct {
 // source opens the cache's source of base id: the origin, wrapped by
 // PeerSource for a template base.
 func (o Options) source(id string, bind cache.Binding, spec origin.Spec) func() (blockdev.Device, error) {
-	openOrigin := o.OpenOrigin
-	if openOrigin == nil {
-		openOrigin = OpenOrigin
-	}
 	return func() (blockdev.Device, error) {
-		d, err := openOrigin(spec)
+		d, err := o.openOrigin(spec)
 		if err != nil || o.PeerSource == nil || !bind.IsTemplate() {
 			return d, err
 		}
@@ -91,8 +87,13 @@ func (o Options) source(id string, bind cache.Binding, spec origin.Spec) func() 
 	}
 }
 
-// ErrNotBuilt marks a layer that is not implemented yet.
-var ErrNotBuilt = errors.New("layer not built yet")
+// openOrigin opens spec with Options.OpenOrigin, or OpenOrigin.
+func (o Options) openOrigin(spec origin.Spec) (blockdev.Device, error) {
+	if o.OpenOrigin != nil {
+		return o.OpenOrigin(spec)
+	}
+	return OpenOrigin(spec)
+}
 
 // Export is the device Build returns: the top layer, plus handles the
 // daemon wants for metrics and warm-up. Close closes the whole stack:
@@ -203,6 +204,10 @@ func (o Options) Base() (string, cache.Binding, error) {
 	if err != nil {
 		return "", cache.Binding{}, err
 	}
+	return o.base(mode)
+}
+
+func (o Options) base(mode Mode) (string, cache.Binding, error) {
 	key, err := o.Origin.Key()
 	if err != nil {
 		return "", cache.Binding{}, err
@@ -214,6 +219,14 @@ func (o Options) Base() (string, cache.Binding, error) {
 	return VolumeBaseID(key), cache.Binding{Origin: key, Writable: mode == ModeWriteThrough}, nil
 }
 
+// originSpec is the origin as mode opens it: read-only unless written
+// through (or written directly).
+func (o Options) originSpec(mode Mode) origin.Spec {
+	spec := o.Origin
+	spec.ReadOnly = spec.ReadOnly || mode == ModeReadOnly || mode == ModeCOW
+	return spec
+}
+
 // OpenBase opens only the base cache the export would use (for a
 // warm-up): a reference the caller closes.
 func (o Options) OpenBase() (*cache.Ref, error) {
@@ -221,22 +234,28 @@ func (o Options) OpenBase() (*cache.Ref, error) {
 	if err != nil {
 		return nil, err
 	}
+	_, _, r, err := o.openBase(mode, o.originSpec(mode))
+	return r, err
+}
+
+// openBase opens the base cache of an export in mode, filled from spec.
+func (o Options) openBase(mode Mode, spec origin.Spec) (string, cache.Binding, *cache.Ref, error) {
 	m := o.Manager
 	if m == nil {
 		if o.CacheDir == "" {
-			return nil, fmt.Errorf("%w: no cache to open a base in", blockdev.ErrInvalid)
+			return "", cache.Binding{}, nil, fmt.Errorf("%w: no cache to open a base in", blockdev.ErrInvalid)
 		}
+		var err error
 		if m, err = dirManager(o.CacheDir); err != nil {
-			return nil, err
+			return "", cache.Binding{}, nil, err
 		}
 	}
-	id, bind, err := o.Base()
+	id, bind, err := o.base(mode)
 	if err != nil {
-		return nil, err
+		return "", cache.Binding{}, nil, err
 	}
-	spec := o.Origin
-	spec.ReadOnly = spec.ReadOnly || mode != ModeWriteThrough
-	return m.OpenFunc(id, bind, o.ChunkSize, o.source(id, bind, spec))
+	r, err := m.OpenFunc(id, bind, o.ChunkSize, o.source(id, bind, spec))
+	return id, bind, r, err
 }
 
 // Build opens the origin and stacks the layers Options asks for.
@@ -246,29 +265,14 @@ func Build(o Options) (*Export, error) {
 		return nil, err
 	}
 	useCache := o.CacheDir != "" || o.Manager != nil
-	spec := o.Origin
-	spec.ReadOnly = spec.ReadOnly || mode == ModeReadOnly || mode == ModeCOW
+	spec := o.originSpec(mode)
 	if mode == ModeWriteThrough && spec.ReadOnly {
 		return nil, fmt.Errorf("%w: write-through needs a writable origin", blockdev.ErrInvalid)
 	}
 
-	openOrigin := o.OpenOrigin
-	if openOrigin == nil {
-		openOrigin = OpenOrigin
-	}
 	e := &Export{mode: mode}
 	if useCache {
-		m := o.Manager
-		if m == nil {
-			if m, err = dirManager(o.CacheDir); err != nil {
-				return nil, err
-			}
-		}
-		id, bind, err := o.Base()
-		if err != nil {
-			return nil, err
-		}
-		r, err := m.OpenFunc(id, bind, o.ChunkSize, o.source(id, bind, spec))
+		id, bind, r, err := o.openBase(mode, spec)
 		if err != nil {
 			return nil, err
 		}
@@ -277,7 +281,7 @@ func Build(o Options) (*Export, error) {
 			e.below = o.Prefetch.Attach(id, r) // closing it closes r
 		}
 	} else {
-		d, err := openOrigin(spec)
+		d, err := o.openOrigin(spec)
 		if err != nil {
 			return nil, err
 		}
