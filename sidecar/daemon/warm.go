@@ -10,7 +10,6 @@ import (
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/layer/cache"
-	"github.com/vmthunder/vmthunder/sidecar/origin"
 	"github.com/vmthunder/vmthunder/sidecar/prefetch"
 )
 
@@ -63,8 +62,9 @@ func (d *Daemon) Warm(base string, req *api.WarmRequest) (*api.WarmStatus, error
 		if err := d.checkAccess(Record{Origin: req.Origin, ConnectionInfo: req.ConnectionInfo}); err != nil {
 			return nil, classify(err)
 		}
-		opts = stack.Options{Origin: origin.Spec{URL: req.Origin, ConnectionInfo: req.ConnectionInfo},
-			Mode: stack.ModeReadOnly, Manager: d.mgr, Template: base, Generation: req.Generation}
+		// Opened as an export of the template would open it (peers included).
+		opts = d.options(Record{Origin: req.Origin, ConnectionInfo: req.ConnectionInfo,
+			Base: base, Generation: req.Generation, Mode: api.ModeReadOnly})
 	}
 	id, _, err := opts.Base()
 	if err != nil {
