@@ -151,7 +151,7 @@ type baseState struct {
 	refs  int
 
 	mu     sync.Mutex
-	seen   []uint64 // chunks the guest has read
+	seen   []atomic.Uint64 // chunks the guest has read; set under mu, read without it
 	active atomic.Bool
 	rec    *recorder
 	rep    *replayer
@@ -232,7 +232,7 @@ func (m *Manager) counters(id string) *counters {
 func (m *Manager) open(id string, b *cache.Base) *baseState {
 	st := &baseState{m: m, id: id, base: b, chunk: b.ChunkSize(), ctr: m.counters(id)}
 	n := (b.Size() + st.chunk - 1) / st.chunk
-	st.seen = make([]uint64, (n+63)/64)
+	st.seen = make([]atomic.Uint64, (n+63)/64)
 	log := m.log.WithField("base", id)
 	t, err := Load(b.Dir())
 	switch {
@@ -252,7 +252,19 @@ func (m *Manager) open(id string, b *cache.Base) *baseState {
 	return st
 }
 
-func (st *baseState) seenGet(c int64) bool { return st.seen[c>>6]&(1<<(c&63)) != 0 }
+func (st *baseState) seenGet(c int64) bool { return st.seen[c>>6].Load()&(1<<(c&63)) != 0 }
+
+// allSeen reports, without the lock, whether the guest has read every
+// chunk of first..last before: after a boot nearly every read is such a
+// read, and it must not take the base's lock that every export shares.
+func (st *baseState) allSeen(first, last int64) bool {
+	for c := first; c <= last && c>>6 < int64(len(st.seen)); c++ {
+		if !st.seenGet(c) {
+			return false
+		}
+	}
+	return true
+}
 
 // observe notes a guest read of [off, off+n): new first reads go to the
 // recorder and the replayer. It reports whether a chunk was missing.
@@ -261,13 +273,16 @@ func (st *baseState) observe(off, n int64) {
 		return
 	}
 	first, last := off/st.chunk, (off+n-1)/st.chunk
+	if st.allSeen(first, last) {
+		return
+	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	for c := first; c <= last && c>>6 < int64(len(st.seen)); c++ {
 		if st.seenGet(c) {
 			continue
 		}
-		st.seen[c>>6] |= 1 << (c & 63)
+		st.seen[c>>6].Or(1 << (c & 63))
 		if st.rec != nil {
 			st.rec.add(st, c)
 		}
