@@ -5,7 +5,7 @@ GOFLAGS   ?=
 FUZZTIME  ?= 10s
 BIN       := bin/vmthunder
 
-.PHONY: all build test test-go test-fuzz test-python python-deps lint bench demo clean
+.PHONY: all build test test-go test-fuzz test-python python-deps lint bench bench-bulk demo clean
 
 all: build
 
@@ -43,6 +43,11 @@ test-python: build python-deps
 
 bench: build
 	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/bench/run.sh
+
+# Many simulated nodes (netns, tc caps) booting at once: direct iSCSI,
+# sidecar, sidecar with peers (docs/bench-bulk.md). NODES=1,8,32 by default.
+bench-bulk: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/bench/bench-bulk.sh
 
 demo: build
 	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/demo.sh
