@@ -103,6 +103,11 @@ func (d *Daemon) startPeers() error {
 	p := &peerNode{d: d, id: id, cl: peers.NewClient(id, peers.ClientOptions{}), originLimit: peers.NewLimiter(pc.OriginRate),
 		ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}}
 	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile})
+	if err := p.testFault(); err != nil {
+		ln.Close()
+		p.cl.Close()
+		return err
+	}
 	p.ml, err = peers.JoinCluster(peers.MembershipOptions{Name: id.Name, Bind: pc.Bind, Advertise: pc.Advertise, Join: pc.Join,
 		SecretKey: key, ChunkAddr: pc.ChunkAddr(port), LogOutput: d.log.WithField("component", "memberlist").WriterLevel(logrus.DebugLevel), Tune: peerTune})
 	if err != nil {
@@ -119,6 +124,25 @@ func (d *Daemon) startPeers() error {
 	d.peers = p
 	d.log.WithFields(logrus.Fields{"member": id.Name, "gossip": p.ml.GossipAddr(), "chunks": pc.ChunkAddr(port), "join": pc.Join}).Info("peers: joined")
 	return nil
+}
+
+// TestFaultEnv names a test-only fault for a real daemon process (the
+// many-node tests in tests/bulk): "corrupt-peer-chunks" makes this node's
+// chunk server flip a byte in every chunk it serves, so the others must
+// detect and drop them. Never set it in production.
+const TestFaultEnv = "VMTHUNDER_TEST_FAULT"
+
+func (p *peerNode) testFault() error {
+	switch f := os.Getenv(TestFaultEnv); f {
+	case "":
+		return nil
+	case "corrupt-peer-chunks":
+		p.srv.SetCorrupt(true)
+		p.d.log.WithField(TestFaultEnv, f).Error("TEST FAULT ON: this node serves corrupt chunks to its peers (testing only)")
+		return nil
+	default:
+		return fmt.Errorf("%s=%q: unknown test fault (known: corrupt-peer-chunks)", TestFaultEnv, f)
+	}
 }
 
 // readGossipKey reads 16, 24 or 32 bytes: raw, base64 or hex.
