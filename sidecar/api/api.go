@@ -46,6 +46,12 @@ type CreateRequest struct {
 	Generation string `json:"generation,omitempty"`
 	Mode       string `json:"mode"`
 	CowPath    string `json:"cow_path,omitempty"`
+	// TemplateVolume is a Cinder volume published as a template (`vmthunder
+	// publish`), instead of Origin/ConnectionInfo/Base/Generation: the
+	// daemon attaches it read-only through Cinder (one attachment per node)
+	// and its base is tmpl-<uuid> at the generation in its metadata. Modes
+	// cow and readonly only.
+	TemplateVolume string `json:"template_volume,omitempty"`
 }
 
 // WarmRequest is the optional body of POST /v1/bases/{id}/warm: the
@@ -71,12 +77,14 @@ type Export struct {
 	// Template and Generation are set for an export of a template.
 	Template   string `json:"template,omitempty"`
 	Generation string `json:"generation,omitempty"`
-	Size       int64  `json:"size"`
-	Socket     string `json:"socket"`
-	ExportName string `json:"export_name"`
-	URI        string `json:"uri"`
-	Origin     string `json:"origin"`
-	CowPath    string `json:"cow_path,omitempty"`
+	// TemplateVolume is the Cinder template volume the export was made from.
+	TemplateVolume string `json:"template_volume,omitempty"`
+	Size           int64  `json:"size"`
+	Socket         string `json:"socket"`
+	ExportName     string `json:"export_name"`
+	URI            string `json:"uri"`
+	Origin         string `json:"origin"`
+	CowPath        string `json:"cow_path,omitempty"`
 	// State is "ready", or "error" when the export could not be re-created
 	// after a restart (Error says why; the daemon keeps retrying).
 	State string       `json:"state"`
@@ -233,7 +241,11 @@ const (
 	CodeBaseConflict = "base_conflict"      // the base is bound to another origin, mode, size or generation
 	CodeForbidden    = "forbidden"          // the origin or cow_path is outside what the config allows
 	CodeTooLarge     = "too_large"          // the body is larger than MaxBody
-	CodeInternal     = "internal"
+	// CodeCinderUnconfigured: a template call without a [cinder] section (503).
+	CodeCinderUnconfigured = "cinder_unconfigured"
+	// CodeCinderError: Cinder (or Keystone) failed or answered an error (502).
+	CodeCinderError = "cinder_error"
+	CodeInternal    = "internal"
 )
 
 // Errorf builds an *Error.

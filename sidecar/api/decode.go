@@ -124,6 +124,12 @@ func (req *CreateRequest) Validate() error {
 	default:
 		return BadRequest(CodeInvalid, "unknown mode %q (want cow, write-through or readonly)", req.Mode)
 	}
+	if req.TemplateVolume != "" {
+		if err := req.validateTemplateVolume(); err != nil {
+			return err
+		}
+		return req.validateCowPath()
+	}
 	ci, err := validateOrigin(req.Origin, req.ConnectionInfo)
 	if err != nil {
 		return err
@@ -146,6 +152,31 @@ func (req *CreateRequest) Validate() error {
 	case req.Generation != "":
 		return BadRequest(CodeInvalid, "generation is given without a base (it names a template's content version)")
 	}
+	return req.validateCowPath()
+}
+
+// validateTemplateVolume checks a create from a Cinder template volume: it
+// names the template alone (the daemon reads origin and generation from
+// Cinder) and is never written through.
+func (req *CreateRequest) validateTemplateVolume() error {
+	if err := ValidVolumeID(req.TemplateVolume); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		key string
+		set bool
+	}{{"origin", req.Origin != ""}, {"connection_info", req.ConnectionInfo != nil}, {"base", req.Base != ""}, {"generation", req.Generation != ""}} {
+		if f.set {
+			return BadRequest(CodeInvalid, "give \"template_volume\" or %q, not both (the daemon takes origin, base and generation from the template)", f.key)
+		}
+	}
+	if req.Mode != ModeCOW && req.Mode != ModeReadOnly {
+		return BadRequest(CodeInvalid, "template_volume %s is read-only content shared by its exports: mode %s is not allowed (want cow or readonly)", req.TemplateVolume, req.Mode)
+	}
+	return nil
+}
+
+func (req *CreateRequest) validateCowPath() error {
 	if req.CowPath != "" {
 		if req.Mode != ModeCOW {
 			return BadRequest(CodeInvalid, "cow_path is only for mode cow (mode is %s)", req.Mode)

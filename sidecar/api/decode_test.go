@@ -14,6 +14,8 @@ func TestDecodeCreateOK(t *testing.T) {
 		`{"id":"vol_3","origin":"iscsi://10.0.0.1:3260/iqn.2010-10.org.openstack:volume-3/1","mode":"write-through"}`,
 		`{"id":"v4","mode":"cow","cow_path":"/srv/cow/v4.img","connection_info":{"target_portal":"10.0.0.1:3260","target_iqn":"iqn.2010-10.org.openstack:volume-4","target_lun":1,"auth_method":"CHAP","auth_username":"u","auth_password":"secret"}}`,
 		`{"id":"v5","mode":"readonly","connection_info":{"driver_volume_type":"iscsi","data":{"target_portal":"10.0.0.1:3260","target_iqn":"iqn.2010-10.org.openstack:volume-5","target_lun":0}}}`,
+		`{"id":"v6","mode":"cow","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","cow_path":"/var/lib/nova/instances/x/disk.vmt"}`,
+		`{"id":"v7","mode":"readonly","template_volume":"0B3C7E4E-2F1A-4C5D-9E8F-123456789ABC"}`,
 	} {
 		req, err := DecodeCreate(strings.NewReader(body))
 		if err != nil {
@@ -58,6 +60,14 @@ func TestDecodeCreateErrors(t *testing.T) {
 		{`{"id":"a","origin":"/x","mode":"cow","base":"img"}`, CodeMissingField, "generation"},
 		{`{"id":"a","origin":"/x","mode":"cow","generation":"1"}`, CodeInvalid, "without a base"},
 		{`{"id":"a","origin":"/x","mode":"write-through","base":"img","generation":"1"}`, CodeInvalid, "template"},
+		{`{"id":"a","template_volume":"not-a-uuid","mode":"cow"}`, CodeInvalid, "not a Cinder volume id"},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","mode":"write-through"}`, CodeInvalid, "want cow or readonly"},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","origin":"/x","mode":"cow"}`, CodeInvalid, `"origin", not both`},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","connection_info":{"target_portal":"h:1"},"mode":"cow"}`, CodeInvalid, `"connection_info", not both`},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","base":"b","mode":"cow"}`, CodeInvalid, `"base", not both`},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","generation":"g","mode":"cow"}`, CodeInvalid, `"generation", not both`},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","mode":"readonly","cow_path":"/x/y"}`, CodeInvalid, "only for mode cow"},
+		{`{"id":"a","template_volume":"0b3c7e4e-2f1a-4c5d-9e8f-123456789abc","mode":"cow","cow_path":"x/y"}`, CodeInvalid, "not an absolute path"},
 		{`{"id":"a","origin":"/x","mode":"readonly","cow_path":"/c"}`, CodeInvalid, "only for mode cow"},
 		{`{"id":"a","origin":"/x","mode":"cow","cow_path":"c.img"}`, CodeInvalid, "absolute"},
 		{`{"id":"a","origin":"/x","mode":"cow","cow_path":"/a/../c.img"}`, CodeInvalid, "clean"},

@@ -18,7 +18,7 @@ func TestDocsNameEveryField(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []any{CreateRequest{}, WarmRequest{}, Export{}, ExportStats{}, Base{}, WarmStatus{}, Health{}, Info{}, Stats{}, Error{}, Trace{}, BasePeers{}, Manifest{}, PeerMember{}, Peers{}} {
+	for _, v := range []any{CreateRequest{}, WarmRequest{}, Export{}, ExportStats{}, Base{}, WarmStatus{}, Health{}, Info{}, Stats{}, Error{}, Trace{}, Template{}, TemplateList{}, BasePeers{}, Manifest{}, PeerMember{}, Peers{}} {
 		rt := reflect.TypeOf(v)
 		for i := 0; i < rt.NumField(); i++ {
 			tag, _, _ := strings.Cut(rt.Field(i).Tag.Get("json"), ",")
@@ -34,7 +34,7 @@ func TestDocsNameEveryField(t *testing.T) {
 		}
 	}
 	for _, code := range []string{CodeBadJSON, CodeUnknownField, CodeMissingField, CodeInvalid, CodeBadOrigin, CodeExists,
-		CodeNotFound, CodeConflict, CodeOriginError, CodeTooLarge, CodeInternal} {
+		CodeNotFound, CodeConflict, CodeOriginError, CodeTooLarge, CodeInternal, CodeCinderUnconfigured, CodeCinderError} {
 		if !strings.Contains(string(spec), code) || !strings.Contains(string(md), "`"+code+"`") {
 			t.Errorf("error code %s is not documented", code)
 		}

@@ -65,6 +65,9 @@ type Config struct {
 
 	// [peers]: template bases fill from other compute nodes (peers.go).
 	Peers Peers
+
+	// [cinder]: template volumes in Cinder (cinder.go); nil without it.
+	Cinder *Cinder
 }
 
 // Defaults are the values used for keys the file does not set.
@@ -97,6 +100,7 @@ var known = map[string][]string{
 	"metrics":  {"listen"},
 	"prefetch": {"enabled", "record_window", "lookahead", "concurrency"},
 	"peers":    peerKeys,
+	"cinder":   cinderKeys,
 }
 
 // Load reads path. The warnings are about keys and sections it does not
@@ -234,6 +238,9 @@ func Load(path string) (*Config, []string, error) {
 		return nil, warnings, err
 	}
 	if err := loadPeers(f.Section("peers"), c, bad); err != nil {
+		return nil, warnings, err
+	}
+	if err := loadCinder(f, c, bad); err != nil {
 		return nil, warnings, err
 	}
 	if c.MetricsListen != "" {

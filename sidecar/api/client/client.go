@@ -263,3 +263,15 @@ func (c *Client) ImportManifest(ctx context.Context, id string, raw []byte, root
 	}
 	return &m, nil
 }
+
+// Templates lists the template volumes published in Cinder, newest first;
+// imageID, when set, keeps those of that image.
+func (c *Client) Templates(ctx context.Context, imageID string) ([]api.Template, error) {
+	path := p("/templates")
+	if imageID != "" {
+		path += "?image_id=" + url.QueryEscape(imageID)
+	}
+	var l api.TemplateList
+	err := c.Do(ctx, http.MethodGet, path, nil, &l)
+	return l.Templates, err
+}
