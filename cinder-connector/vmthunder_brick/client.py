@@ -104,14 +104,38 @@ class SidecarClient:
         create once the export is ready); default the client's."""
         return self._call("POST", "/exports", request, timeout=timeout)
 
+    def create(self, export_id, mode, template_volume=None, cow_path=None, timeout=None, **fields):
+        """Create an export from keyword fields. template_volume: a Cinder
+        volume published as a template (docs/api.md): the sidecar takes the
+        origin, base and generation from it, so origin, connection_info,
+        base and generation must not be given with it."""
+        request = {"id": export_id, "mode": mode}
+        if template_volume is not None:
+            request["template_volume"] = template_volume
+        if cow_path is not None:
+            request["cow_path"] = cow_path
+        request.update({k: v for k, v in fields.items() if v is not None})
+        return self.create_export(request, timeout=timeout)
+
+    def templates(self, image_id=None):
+        """Published templates, newest first; only those of image_id when
+        given. The sidecar answers 503 cinder_unconfigured without a
+        [cinder] section and 502 cinder_error when Cinder fails."""
+        path = "/templates"
+        if image_id is not None:
+            path += "?" + urllib.parse.urlencode({"image_id": image_id})
+        return self._call("GET", path).get("templates", [])
+
     def get_export(self, export_id):
         return self._call("GET", f"/exports/{self._id(export_id)}")
 
     def list_exports(self):
         return self._call("GET", "/exports").get("exports", [])
 
-    def delete_export(self, export_id):
-        self._call("DELETE", f"/exports/{self._id(export_id)}")
+    def delete_export(self, export_id, delete_cow=False):
+        """delete_cow: also remove the export's COW store (a disk gone for good)."""
+        query = "?delete_cow=true" if delete_cow else ""
+        self._call("DELETE", f"/exports/{self._id(export_id)}{query}")
 
     def refresh_export(self, export_id):
         return self._call("POST", f"/exports/{self._id(export_id)}/refresh")
