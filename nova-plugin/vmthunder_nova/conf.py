@@ -41,6 +41,21 @@ opts = [
         "VMThunder disk whose export is served again (io_error_policy = stop); "
         "0 leaves them paused for an operator.",
     ),
+    cfg.BoolOpt(
+        "template_root_disks",
+        default=True,
+        help="Make the root disk of an image-backed instance a copy-on-write "
+        "export over its image's VMThunder template (published with "
+        "`vmthunder publish`), shared by every instance of the image on the "
+        "node. An image without a template boots from Nova's image cache.",
+    ),
+    cfg.BoolOpt(
+        "publish_missing_templates",
+        default=False,
+        help="Publish a template for an image that has none when an instance "
+        "of it spawns. Not built yet: with it on, the driver still boots such "
+        "an instance from Nova's image cache and says so in its warning.",
+    ),
 ]
 
 
