@@ -79,6 +79,8 @@ type Daemon struct {
 	// together (each export has its own bound too).
 	nbdMemory *nbd.MemoryBudget
 
+	tmpl templates // template volumes in Cinder (templates.go)
+
 	mu      sync.Mutex
 	exports map[string]*export
 	warms   map[string]*warmJob
@@ -186,6 +188,7 @@ func (d *Daemon) Start() error {
 		}
 		d.mu.Unlock()
 	}
+	d.cleanTemplateAttachments() // templates.go: attachments a crash left
 	if err := d.serveAPI(); err != nil {
 		d.Close()
 		return err
@@ -312,9 +315,14 @@ func (r Record) baseID() string {
 
 // options are the stack options of the export.
 func (d *Daemon) options(r Record) stack.Options {
-	return stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
+	o := stack.Options{Origin: r.spec(), Mode: stack.Mode(r.Mode), Manager: d.mgr,
 		Template: r.template(), Generation: r.Generation, CowPath: r.CowPath,
 		Metrics: d.mset, Name: r.ID, Prefetch: d.pf, PeerSource: d.peerSource()}
+	if r.TemplateVolume != "" { // templates.go: the origin is this node's attachment
+		o.Origin = origin.Spec{ConnectionInfo: d.templateConnInfo(r.TemplateVolume)}
+		o.OpenOrigin = d.templateOrigin(r.TemplateVolume)
+	}
+	return o
 }
 
 // open builds the export's stack and serves it on its socket.
@@ -328,7 +336,8 @@ func (d *Daemon) open(e *export) error {
 			return fmt.Errorf("cow_path directory: %w", err)
 		}
 	}
-	ex, err := stack.Build(d.options(r))
+	var ex *stack.Export
+	err := d.withTemplate(r, func() (err error) { ex, err = stack.Build(d.options(r)); return err })
 	if err != nil {
 		return err
 	}
@@ -387,7 +396,12 @@ func (d *Daemon) saveLocked() error {
 // Create makes an export and persists it.
 func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	r := Record{ID: req.ID, Origin: req.Origin, ConnectionInfo: req.ConnectionInfo,
-		Base: req.Base, Generation: req.Generation, Mode: req.Mode, CowPath: req.CowPath, Created: time.Now().UTC()}
+		Base: req.Base, Generation: req.Generation, Mode: req.Mode, CowPath: req.CowPath, TemplateVolume: req.TemplateVolume, Created: time.Now().UTC()}
+	if r.TemplateVolume != "" {
+		if err := d.resolveTemplate(&r); err != nil { // templates.go
+			return nil, err
+		}
+	}
 	if r.Mode == api.ModeCOW && r.CowPath == "" {
 		r.CowPath = filepath.Join(d.cfg.StateDir, "cow", r.ID+".img")
 	}
@@ -608,6 +622,9 @@ func (d *Daemon) Refresh(id string) (*api.Export, error) {
 	if err := d.checkAccess(e.rec); err != nil { // the origin is opened as root
 		return nil, err
 	}
+	if e.rec.TemplateVolume != "" {
+		return nil, api.Errorf(http.StatusConflict, api.CodeConflict, "export %q is over template volume %s: its size is its generation's (publish a new template)", id, e.rec.TemplateVolume)
+	}
 	size, err := stack.ProbeSize(e.rec.spec())
 	if err != nil {
 		return nil, classify(err)
@@ -701,7 +718,11 @@ func (d *Daemon) view(e *export) *api.Export {
 	sock := d.socketPath(e.rec.ID)
 	v := &api.Export{ID: e.rec.ID, Mode: e.rec.Mode, Base: e.rec.baseID(), Template: e.rec.template(), Generation: e.rec.Generation,
 		Socket: sock, ExportName: e.rec.ID, URI: "nbd+unix:///" + e.rec.ID + "?socket=" + sock,
-		Origin: api.DescribeOrigin(e.rec.Origin, e.rec.ConnectionInfo), CowPath: e.rec.CowPath, State: e.state}
+		Origin: api.DescribeOrigin(e.rec.Origin, e.rec.ConnectionInfo), CowPath: e.rec.CowPath, State: e.state,
+		TemplateVolume: e.rec.TemplateVolume}
+	if e.rec.TemplateVolume != "" {
+		v.Origin = d.describeTemplate(e.rec.TemplateVolume) // templates.go
+	}
 	if e.err != nil {
 		v.Error = e.err.Error()
 	}

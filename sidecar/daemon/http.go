@@ -46,8 +46,9 @@ func (d *Daemon) Handler() http.Handler {
 		answer(w, http.StatusNoContent, nil, err)
 	})
 	mux.HandleFunc("POST "+v+"/bases/{id}/warm", d.hWarm)
-	d.traceRoutes(mux, v) // trace.go
-	d.peerRoutes(mux, v)  // peers.go
+	d.traceRoutes(mux, v)    // trace.go
+	d.peerRoutes(mux, v)     // peers.go
+	d.templateRoutes(mux, v) // templates.go
 	mux.HandleFunc("GET "+v+"/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, d.Health())
 	})

@@ -24,7 +24,11 @@ type Record struct {
 	Generation     string         `json:"generation,omitempty"` // set: Base is a template
 	Mode           string         `json:"mode"`
 	CowPath        string         `json:"cow_path,omitempty"`
-	Created        time.Time      `json:"created"`
+	// TemplateVolume: the export is over this Cinder template volume
+	// (templates.go); Base and Generation are its, and the origin is this
+	// node's attachment of it, made again after a restart.
+	TemplateVolume string    `json:"template_volume,omitempty"`
+	Created        time.Time `json:"created"`
 }
 
 type stateFile struct {
