@@ -12,6 +12,7 @@ import pytest
 from os_brick import exception
 from os_brick.initiator import initiator_connector
 from os_brick.initiator.connectors.base import BaseLinuxConnector
+from oslo_config import cfg
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 import pyharness  # noqa: E402
@@ -526,14 +527,19 @@ def test_an_export_being_created_is_waited_for(env, conn, own_tgt):
 
 def test_a_create_that_times_out_leaves_no_export(env, own_tgt):
     """The sidecar answers a create once the export is ready. When that
-    takes longer than create_timeout the attach fails, and the export the
-    sidecar finishes afterwards is deleted: nothing will ever detach it."""
+    takes longer than create_timeout (here the [vmthunder] option, as
+    nova.conf sets it) the attach fails, and the export the sidecar
+    finishes afterwards is deleted: nothing will ever detach it."""
     _, sidecar = env
     tgt = own_tgt
     proxy = SlowPortal(tgt.connection_info("x")["target_portal"], delay=3)
     props = tgt.connection_info("vol-slow", chap=CHAP)
     props["target_portal"] = proxy.portal
-    c = VMThunderConnector(socket_path=sidecar.api_socket, create_timeout=1)
+    cfg.CONF.set_override("create_timeout", 1, group="vmthunder")
+    try:
+        c = VMThunderConnector(socket_path=sidecar.api_socket)
+    finally:
+        cfg.CONF.clear_override("create_timeout", group="vmthunder")
     try:
         start = time.monotonic()
         with pytest.raises(exception.BrickException) as e:
@@ -549,3 +555,21 @@ def test_a_create_that_times_out_leaves_no_export(env, own_tgt):
     finally:
         c.disconnect_volume(props, None, ignore_errors=True)
         proxy.close()
+
+
+def test_oslo_config_generator_lists_the_connector_options():
+    """The real oslo-config-generator finds the connector's options through
+    the installed package's oslo.config.opts entry point."""
+    out = subprocess.run(
+        [sys.executable, "-m", "oslo_config.generator", "--namespace", "vmthunder.brick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "[vmthunder]" in out
+    expected = ["#create_wait = 5.0", "#create_timeout = 120.0"]
+    expected += ["#cleanup_wait = 60.0", "#retry_interval = 1.0"]
+    for line in expected:
+        assert line in out.splitlines(), f"{line!r} missing from:\n{out}"
+    assert "Minimum value: 1" in out  # create_timeout's bound is published too

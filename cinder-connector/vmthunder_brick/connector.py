@@ -10,11 +10,57 @@ import time
 
 from os_brick import exception
 from os_brick.initiator.connectors import base
+from oslo_config import cfg
 from oslo_log import log as logging
 
 from vmthunder_brick.client import TIMEOUT, SidecarClient, SidecarError, default_socket
 
 LOG = logging.getLogger(__name__)
+
+GROUP = "vmthunder"
+
+# Registered on the global CONF, as os-brick's own connectors do: in
+# nova-compute that is nova's CONF, so they go in nova.conf's [vmthunder].
+# Arguments to VMThunderConnector override them.
+connector_opts = [
+    cfg.FloatOpt(
+        "create_wait",
+        default=5.0,
+        min=0,
+        help="Seconds an attach waits for an export another attach is still creating "
+        "(state creating) to become ready.",
+    ),
+    cfg.FloatOpt(
+        "create_timeout",
+        default=120.0,
+        min=1,
+        help="Seconds an attach waits for the sidecar to make its export (the sidecar "
+        "answers once the origin is open); on a timeout the export is deleted again.",
+    ),
+    cfg.FloatOpt(
+        "cleanup_wait",
+        default=60.0,
+        min=0,
+        help="Seconds a failed attach waits for the sidecar to finish the create it "
+        "timed out on, to delete the export that create makes.",
+    ),
+    cfg.FloatOpt(
+        "retry_interval",
+        default=1.0,
+        min=0,
+        help="Seconds before the first retry of an attach whose iSCSI target did not "
+        "answer; each further retry waits twice as long (os-brick's "
+        "device_scan_attempts sets how many attempts).",
+    ),
+]
+
+cfg.CONF.register_opts(connector_opts, group=GROUP)
+
+
+def list_opts():
+    """The connector's options, for oslo-config-generator."""
+    return [(GROUP, connector_opts)]
+
 
 INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 
@@ -71,14 +117,11 @@ class VMThunderConnector(base.BaseLinuxConnector):
     /run/vmthunder/api.sock). export_id: a fixed export id instead of the
     volume id. mode: the export mode for read-write attachments (a Cinder
     volume is write-through: nothing acknowledged may live only here).
-    create_wait: how long, in seconds, to wait for an export another attach
-    is still creating (state "creating") to become ready.
-    create_timeout: how long, in seconds, to wait for the sidecar to make
-    this attach's own export (it answers once the origin is open). On a
-    timeout, or any failure after the sidecar made the export, the export
-    is deleted again (an export this attach reused is left alone).
-    cleanup_wait: how long a timed-out create may still take before the
-    export it makes can be deleted.
+    create_wait, create_timeout, cleanup_wait, retry_interval: as the
+    [vmthunder] options of the same names (connector_opts), which they
+    default to. On a create_timeout, or any failure after the sidecar made
+    the export, the export is deleted again (an export this attach reused
+    is left alone).
     device_scan_attempts (os-brick's): attempts at an unreachable target.
     """
 
@@ -91,20 +134,21 @@ class VMThunderConnector(base.BaseLinuxConnector):
         socket_path=None,
         export_id=None,
         mode="write-through",
-        create_wait=5.0,
-        create_timeout=120.0,
-        cleanup_wait=60.0,
-        retry_interval=1.0,
+        create_wait=None,
+        create_timeout=None,
+        cleanup_wait=None,
+        retry_interval=None,
         **kwargs,
     ):
         super().__init__(root_helper, driver, execute, *args, **kwargs)
         self.client = SidecarClient(socket_path)
         self.export_id = export_id
         self.mode = mode
-        self.create_wait = create_wait
-        self.create_timeout = create_timeout
-        self.cleanup_wait = cleanup_wait
-        self.retry_interval = retry_interval
+        conf = cfg.CONF[GROUP]
+        self.create_wait = conf.create_wait if create_wait is None else create_wait
+        self.create_timeout = conf.create_timeout if create_timeout is None else create_timeout
+        self.cleanup_wait = conf.cleanup_wait if cleanup_wait is None else cleanup_wait
+        self.retry_interval = conf.retry_interval if retry_interval is None else retry_interval
 
     def _id(self, connection_properties):
         return export_id(connection_properties, self.export_id)

@@ -2,6 +2,8 @@
 
 from oslo_config import cfg
 
+from vmthunder_brick import connector
+
 vmthunder_group = cfg.OptGroup("vmthunder", title="VMThunder sidecar options")
 
 opts = [
@@ -62,3 +64,12 @@ opts = [
 def register(conf):
     conf.register_group(vmthunder_group)
     conf.register_opts(opts, group=vmthunder_group)
+    # The connector's own options (it registers them on the global CONF,
+    # which is nova's; a test's private ConfigOpts needs them too).
+    conf.register_opts(connector.connector_opts, group=vmthunder_group)
+
+
+def list_opts():
+    """Every [vmthunder] option nova-compute reads: the driver's and the
+    os-brick connector's (oslo.config.opts entry point "vmthunder")."""
+    return [(vmthunder_group, opts + connector.connector_opts)]
