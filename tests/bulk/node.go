@@ -1,0 +1,252 @@
+package bulk
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vmthunder/vmthunder/sidecar/api"
+	"github.com/vmthunder/vmthunder/sidecar/api/client"
+)
+
+// ChunkSize is the nodes' [cache] chunk_size, and the manifest's.
+const ChunkSize = 64 << 10
+
+// PeerFiles are a node's [peers] certificate files and the cluster's
+// gossip key.
+type PeerFiles struct {
+	CA, Cert, Key, GossipKey string
+}
+
+// Daemon is one node's `vmthunder daemon`, run in the node's namespace.
+type Daemon struct {
+	Host *Host
+	Name string
+	Dir  string
+	API  *client.Client
+	sock string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// DaemonConfig is what differs between the nodes' daemons.
+type DaemonConfig struct {
+	Peers *PeerFiles // nil: peers off
+	Join  string     // the first node's gossip address ("" for the first)
+	Env   []string   // extra environment (VMTHUNDER_TEST_FAULT)
+}
+
+// StartDaemon writes a config under dir and starts bin's daemon in the
+// host's namespace; it returns once the API answers.
+func StartDaemon(bin string, h *Host, name, dir string, c DaemonConfig) (*Daemon, error) {
+	for _, sub := range []string{"", "nbd", "cache", "state"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+			return nil, err
+		}
+		os.Chmod(filepath.Join(dir, sub), 0o755)
+	}
+	d := &Daemon{Host: h, Name: name, Dir: dir, sock: filepath.Join(dir, "api.sock"), log: filepath.Join(dir, "daemon.log")}
+	conf := fmt.Sprintf(`[DEFAULT]
+state_dir = %s
+api_socket = %s
+nbd_socket_dir = %s
+nbd_group = libvirt-qemu
+log_level = info
+
+[cache]
+dir = %s
+chunk_size = %d
+`, filepath.Join(dir, "state"), d.sock, filepath.Join(dir, "nbd"), filepath.Join(dir, "cache"), ChunkSize)
+	if p := c.Peers; p != nil {
+		conf += fmt.Sprintf(`
+[peers]
+enabled = true
+bind = %s:7946
+listen = %s:7947
+ca_file = %s
+cert_file = %s
+key_file = %s
+gossip_key_file = %s
+`, h.IP, h.IP, p.CA, p.Cert, p.Key, p.GossipKey)
+		if c.Join != "" {
+			conf += "join = " + c.Join + "\n"
+		}
+	}
+	cf := filepath.Join(dir, "vmthunder.conf")
+	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	d.cmd = h.Exec(bin, "daemon", "--config", cf)
+	d.cmd.Env = append(os.Environ(), c.Env...)
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, err
+	}
+	d.done = make(chan struct{})
+	go func() { d.cmd.Wait(); logf.Close(); close(d.done) }()
+	d.API = client.New(d.sock)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case <-d.done:
+			return nil, fmt.Errorf("%s: daemon exited at start; log:\n%s", name, d.LogTail(20))
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		hl, err := d.API.Health(ctx)
+		cancel()
+		if err == nil && hl.Status == "ok" {
+			return d, nil
+		}
+		if time.Now().After(deadline) {
+			d.Kill()
+			return nil, fmt.Errorf("%s: daemon not healthy after 60 s; log:\n%s", name, d.LogTail(20))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// LogTail is the end of the daemon's log.
+func (d *Daemon) LogTail(n int) string {
+	b, _ := os.ReadFile(d.log)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Log is the daemon's whole log.
+func (d *Daemon) Log() string { b, _ := os.ReadFile(d.log); return string(b) }
+
+// Kill ends the daemon at once (SIGKILL), as a crash would. `ip netns
+// exec` execs the daemon, so the process is the daemon itself.
+func (d *Daemon) Kill() {
+	if d.cmd != nil && d.cmd.Process != nil {
+		d.cmd.Process.Signal(syscall.SIGKILL)
+		<-d.done
+	}
+}
+
+// Stop asks the daemon to finish and waits up to 30 s, then kills it.
+func (d *Daemon) Stop() {
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		d.Kill()
+	}
+}
+
+func (d *Daemon) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 60*time.Second)
+}
+
+// Export makes cow export id of template base/generation over origin.
+func (d *Daemon) Export(id, origin, base, generation string) (*api.Export, error) {
+	ctx, cancel := d.ctx()
+	defer cancel()
+	e, err := d.API.Create(ctx, api.CreateRequest{ID: id, Origin: origin, Base: base, Generation: generation, Mode: "cow"})
+	if err != nil {
+		return nil, fmt.Errorf("%s: create export %s: %w", d.Name, id, err)
+	}
+	if err := shareSocket(e.Socket); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// shareSocket gives an NBD socket to QEMU's group.
+func shareSocket(path string) error {
+	out, err := exec.Command("id", "-g", "libvirt-qemu").Output()
+	if err != nil {
+		return fmt.Errorf("no user libvirt-qemu (Debian package libvirt-daemon-system)")
+	}
+	gid, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+	return os.Chown(path, -1, gid)
+}
+
+// ImportManifest stores a template base's manifest on the node.
+func (d *Daemon) ImportManifest(base string, raw []byte) error {
+	ctx, cancel := d.ctx()
+	defer cancel()
+	_, err := d.API.ImportManifest(ctx, base, raw, "")
+	return err
+}
+
+// Base is the node's view of a base.
+func (d *Daemon) Base(id string) (*api.Base, error) {
+	ctx, cancel := d.ctx()
+	defer cancel()
+	return d.API.Base(ctx, id)
+}
+
+// Peers is the node's view of the cluster.
+func (d *Daemon) Peers() (*api.Peers, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return d.API.Peers(ctx)
+}
+
+// Metric sums the samples of a Prometheus counter or gauge on the node
+// (GET /metrics on the API socket), whatever their labels.
+func (d *Daemon) Metric(name string) (float64, error) {
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", d.sock)
+		}}}
+	resp, err := hc.Get("http://vmthunder/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("GET /metrics: %s", resp.Status)
+	}
+	var sum float64
+	found := false
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if !strings.HasPrefix(l, name) {
+			continue
+		}
+		rest := l[len(name):]
+		if rest == "" || (rest[0] != '{' && rest[0] != ' ') {
+			continue
+		}
+		f := strings.Fields(l)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			return 0, fmt.Errorf("metric line %q: %w", l, err)
+		}
+		sum += v
+		found = true
+	}
+	if !found {
+		return 0, fmt.Errorf("metric %s not exported by %s", name, d.Name)
+	}
+	return sum, sc.Err()
+}
