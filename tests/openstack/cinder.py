@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -248,6 +249,11 @@ use_chap_auth = true
         )
         if r.returncode != 0:
             raise RuntimeError(f"cinder-manage db sync: {r.stderr[-2000:]}")
+        # Three services write one sqlite file. In its default rollback
+        # journal a reader about to write fails at once ("database is
+        # locked") instead of waiting; in WAL mode writers wait their turn.
+        with sqlite3.connect(os.path.join(self.dir, "cinder.sqlite")) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
     def start(self):
         for svc in ("cinder-api", "cinder-scheduler", "cinder-volume"):
@@ -339,21 +345,21 @@ class Cloud:
         state["groups"]["tgtd"] = tgt.start()
         self._save(state)
 
-        glance_info = None
+        g = None
         if self.want_glance:
-            from tests.openstack import glance as glance_mod
+            from tests.openstack import glance
 
-            g = glance_mod.Glance(self.workdir, VENV)
+            g = glance.Glance(self.workdir, VENV)
             state["groups"]["glance-api"] = g.start()
             self._save(state)
-            g.wait()
-            glance_info = g.url
 
-        cinder = Cinder(self.workdir, transport_url, tgt, glance_url=glance_info)
+        cinder = Cinder(self.workdir, transport_url, tgt, glance_url=g.url if g else None)
         cinder.write_config()
-        cinder.db_sync()  # overlaps RabbitMQ's start (several seconds)
+        cinder.db_sync()  # overlaps RabbitMQ's and Glance's start (several seconds)
         if rabbit:
             rabbit.wait()
+        if g:
+            g.wait()
         for svc, pid in cinder.start().items():
             state["groups"][svc] = pid
         self._save(state)
@@ -374,7 +380,7 @@ class Cloud:
             "iscsi_portal": f"127.0.0.1:{tgt.portal_port}",
             "tgtd_control_port": tgt.control,
             "cinder_conf": cinder.conf,
-            "glance_endpoint": glance_info,
+            "glance_endpoint": g.url if g else None,
         }
         state["info"] = self.info
         self._save(state)
