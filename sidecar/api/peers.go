@@ -1,5 +1,7 @@
 package api
 
+import "time"
+
 // BasePeers is how a template base's cache fills when [peers] is enabled:
 // from peers (it has a manifest of chunk digests to verify them with) or
 // from its origin only, and why.
@@ -34,12 +36,23 @@ type Manifest struct {
 
 // PeerMember is one member of the peers cluster as this node sees it.
 type PeerMember struct {
-	Name      string   `json:"name"`
-	State     string   `json:"state"`
-	Gossip    string   `json:"gossip"`
-	ChunkAddr string   `json:"chunk_addr"`
-	Bases     []string `json:"bases"`
-	Self      bool     `json:"self,omitempty"`
+	Name string `json:"name"`
+	// State is alive, suspect (this node's gossip probes of it failed; it
+	// is still asked for chunks), dead (declared failed) or left (said
+	// goodbye); dead and left members are listed, with their last bases,
+	// for a while ([peers] forgets them after 5 minutes), and never asked.
+	State string `json:"state"`
+	// Since is when this node saw the member enter State.
+	Since     time.Time `json:"since"`
+	Gossip    string    `json:"gossip"`
+	ChunkAddr string    `json:"chunk_addr"`
+	// Bases are the template bases it serves (when gone: served last).
+	Bases []string `json:"bases"`
+	Self  bool     `json:"self,omitempty"`
+	// Chunk bytes this node received from the member (verified) and
+	// served to it, while the member has been known.
+	ReceivedBytes uint64 `json:"received_bytes"`
+	ServedBytes   uint64 `json:"served_bytes"`
 }
 
 // Peers is the answer to GET /v1/peers.

@@ -3,6 +3,7 @@ package daemon
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vmthunder/vmthunder/sidecar/api"
+	"github.com/vmthunder/vmthunder/sidecar/peers"
 )
 
 // collector reads the daemon's state at each scrape: exports, caches and
@@ -45,14 +46,18 @@ var (
 	dPeerServed  = desc("peer_served_bytes_total", "Bytes of a template base's chunks this node served to peers.", "base")
 	dPeerCorrupt = desc("peer_corrupt_chunks_total", "Chunks from peers that failed verification against the base's manifest and were dropped.", "base")
 	dPeerErrors  = desc("peer_errors_total", "Chunk requests to peers that failed (timeout, refused, error).", "base")
-	dPeerMembers = desc("peer_members", "Live members of the peers cluster as this node sees it (this node included).")
+	dPeerMembers = desc("peer_members", "Members of the peers cluster as this node sees it (this node included), by state (alive, suspect, dead, left; dead and left ones until forgotten).", "state")
+	// Per member: bounded by the cluster's size, since a member is dropped
+	// once membership forgets it (5 minutes after it died or left).
+	dPeerMemberBytes = desc("peer_member_bytes_total", "Chunk bytes exchanged with one member, by direction (received: read from it, verified; served: sent to it).", "peer", "direction")
+	dPeerFetch       = desc("peer_fetch_duration_seconds", "Time of a chunk request to a peer, by outcome (ok; timeout; error: refused, unreachable or an error answer; corrupt: failed verification).", "outcome")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
 		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning,
 		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying,
-		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerErrors, dPeerMembers} {
+		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerErrors, dPeerMembers, dPeerMemberBytes, dPeerFetch} {
 		ch <- d
 	}
 }
@@ -122,7 +127,26 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	g(dBudget, float64(d.cfg.CacheBudget))
 	if p := d.peers; p != nil { // peers.go
-		g(dPeerMembers, float64(len(p.ml.Members())))
+		states := map[string]int{}
+		for _, s := range peers.States {
+			states[s] = 0 // present at zero
+		}
+		for _, m := range p.ml.Members() {
+			states[m.State]++
+		}
+		for s, n := range states {
+			g(dPeerMembers, float64(n), s)
+		}
+		for name, b := range p.traffic.Members() {
+			if !p.ml.Knows(name) { // asked before gossip showed it, or just forgotten
+				continue
+			}
+			ctr(dPeerMemberBytes, b.Received, name, "received")
+			ctr(dPeerMemberBytes, b.Served, name, "served")
+		}
+		for outcome, h := range p.traffic.Fetches() {
+			ch <- prometheus.MustNewConstHistogram(dPeerFetch, h.Count, h.Sum, h.Buckets, outcome)
+		}
 		p.mu.Lock()
 		for id, s := range p.stats {
 			ctr(dPeerBytes, s.src.BytesFromOrigin.Load(), id, "origin")

@@ -56,6 +56,8 @@ type peerNode struct {
 	done chan struct{}
 	// originLimit caps template bases' origin reads ([peers] origin_rate).
 	originLimit *rate.Limiter
+	// traffic counts chunk bytes per member and times fetches.
+	traffic *peers.Traffic
 
 	mu     sync.Mutex
 	bases  map[string]*peerBase     // open template bases filling from peers
@@ -101,8 +103,8 @@ func (d *Daemon) startPeers() error {
 	}
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	p := &peerNode{d: d, id: id, cl: peers.NewClient(id, peers.ClientOptions{}), originLimit: peers.NewLimiter(pc.OriginRate),
-		ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}}
-	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile})
+		traffic: peers.NewTraffic(), ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}}
+	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile, Traffic: p.traffic})
 	if err := p.testFault(); err != nil {
 		ln.Close()
 		p.cl.Close()
@@ -115,6 +117,8 @@ func (d *Daemon) startPeers() error {
 		p.cl.Close()
 		return fmt.Errorf("[peers]: %w", err)
 	}
+	// Per-member counters live as long as membership lists the member.
+	p.ml.OnChange(func() { p.traffic.Retain(p.ml.Knows) })
 	go func() {
 		defer close(p.done)
 		if err := p.srv.Serve(ln, id); err != nil {
@@ -217,7 +221,7 @@ func (p *peerNode) source(id string, bind cache.Binding, origin blockdev.Device)
 		return fromOrigin(err.Error())
 	}
 	st := p.statsOf(id)
-	src, err := peers.NewSource(origin, peers.SourceOptions{Key: key, Manifest: m, Members: p.ml, Fetcher: p.cl, Stats: &st.src, OriginLimit: p.originLimit})
+	src, err := peers.NewSource(origin, peers.SourceOptions{Key: key, Manifest: m, Members: p.ml, Fetcher: p.cl, Stats: &st.src, OriginLimit: p.originLimit, Traffic: p.traffic})
 	if err != nil {
 		return fromOrigin(err.Error())
 	}
@@ -463,12 +467,15 @@ func (d *Daemon) Peers() api.Peers {
 		return api.Peers{Members: []api.PeerMember{}}
 	}
 	out := api.Peers{Enabled: true, Self: p.ml.Self(), Members: []api.PeerMember{}}
+	traffic := p.traffic.Members()
 	for _, m := range p.ml.Members() {
 		bases := m.Bases
 		if bases == nil {
 			bases = []string{}
 		}
-		out.Members = append(out.Members, api.PeerMember{Name: m.Name, State: "alive", Gossip: m.Gossip, ChunkAddr: m.ChunkAddr, Bases: bases, Self: m.Self})
+		t := traffic[m.Name]
+		out.Members = append(out.Members, api.PeerMember{Name: m.Name, State: m.State, Since: m.Since.UTC(), Gossip: m.Gossip, ChunkAddr: m.ChunkAddr,
+			Bases: bases, Self: m.Self, ReceivedBytes: t.Received, ServedBytes: t.Served})
 	}
 	return out
 }

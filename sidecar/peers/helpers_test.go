@@ -88,14 +88,15 @@ func serve(t testing.TB, srv *Server, id *Identity) string {
 // base fills from a peer Source, and a chunk server answering from that
 // cache.
 type node struct {
-	name   string
-	id     *Identity
-	srv    *Server
-	addr   string
-	client *Client
-	origin *countingDev
-	src    *Source
-	ref    *cache.Ref
+	name    string
+	id      *Identity
+	srv     *Server
+	addr    string
+	client  *Client
+	origin  *countingDev
+	src     *Source
+	ref     *cache.Ref
+	traffic *Traffic
 }
 
 type clusterOpts struct {
@@ -110,8 +111,8 @@ func cluster(t testing.TB, ca *pkitest.CA, n int, data []byte, m *Manifest, co c
 	var peers []Peer
 	for i := range nodes {
 		name := string(rune('a'+i)) + "-node"
-		nd := &node{name: name, id: identity(t, ca, name)}
-		nd.srv = NewServer(name, ServerOptions{})
+		nd := &node{name: name, id: identity(t, ca, name), traffic: NewTraffic()}
+		nd.srv = NewServer(name, ServerOptions{Traffic: nd.traffic})
 		nd.addr = serve(t, nd.srv, nd.id)
 		nd.client = NewClient(nd.id, ClientOptions{Timeout: co.timeout})
 		t.Cleanup(nd.client.Close)
@@ -121,7 +122,7 @@ func cluster(t testing.TB, ca *pkitest.CA, n int, data []byte, m *Manifest, co c
 	for _, nd := range nodes {
 		nd.origin = newCounting(data, m.ChunkSize)
 		src, err := NewSource(nd.origin, SourceOptions{Key: testKey, Manifest: m, Fetcher: nd.client,
-			Members: StaticMembers{Me: nd.name, Peers: peers}, MaxAttempts: co.attempts, Cooldown: 200 * time.Millisecond})
+			Members: StaticMembers{Me: nd.name, Peers: peers}, MaxAttempts: co.attempts, Cooldown: 200 * time.Millisecond, Traffic: nd.traffic})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -37,16 +37,41 @@ type MembershipOptions struct {
 	// Tune, when set, adjusts memberlist's configuration (tests shorten
 	// its intervals).
 	Tune func(*memberlist.Config)
+	// ForgetAfter is how long a member that died or left is still listed
+	// (default 5 minutes); then it is forgotten, with its counters.
+	ForgetAfter time.Duration
 }
+
+// Member states (memberstate.go): alive; suspect (this node's memberlist
+// probe got no ack, it is not yet declared dead: still a home, since it
+// may well answer); dead (declared failed by memberlist); left (announced
+// its leave).
+const (
+	StateAlive   = "alive"
+	StateSuspect = "suspect"
+	StateDead    = "dead"
+	StateLeft    = "left"
+)
+
+// States lists the member states in a fixed order.
+var States = []string{StateAlive, StateSuspect, StateDead, StateLeft}
 
 // Member is one member as gossip last described it.
 type Member struct {
 	Name      string
 	Gossip    string   // gossip address
 	ChunkAddr string   // chunk server address
-	Bases     []string // template bases it has open, sorted
+	Bases     []string // template bases it has open (last known), sorted
 	Self      bool
+	// State is one of States; Since is when this node saw it enter it.
+	State string
+	Since time.Time
+
+	leaving bool // its metadata says it is leaving
 }
+
+// Live reports whether the member counts as a home (alive or suspect).
+func (m Member) Live() bool { return m.State == StateAlive || m.State == StateSuspect }
 
 // Membership is this node's view of the cluster, on hashicorp/memberlist:
 // the live members, the address of each one's chunk server and the
@@ -58,15 +83,25 @@ type Membership struct {
 
 	mu        sync.RWMutex
 	chunkAddr string
-	bases     []string // own, sorted
-	meta      []byte   // own, encoded
-	truncated int      // own bases left out of the metadata (too many)
-	view      map[string]Member
+	bases     []string          // own, sorted
+	meta      []byte            // own, encoded
+	truncated int               // own bases left out of the metadata (too many)
+	leaving   bool              // own: Leave has begun
+	view      map[string]Member // live members, and gone ones until forgotten
 	onChange  []func()
+
+	forgetAfter time.Duration
+	stop        chan struct{}
+	stopOnce    sync.Once
 }
 
-// metaVersion leads the node metadata, so a later format can be told apart.
-const metaVersion = 1
+// metaVersion leads the node metadata, so a later format can be told
+// apart. Version 2 added the flags byte.
+const metaVersion = 2
+
+// metaLeaving flags a member that is leaving: its departure that follows
+// is a leave, not a failure.
+const metaLeaving = 1
 
 // JoinCluster starts gossip as o.Name and joins o.Join (if any).
 func JoinCluster(o MembershipOptions) (*Membership, error) {
@@ -76,8 +111,11 @@ func JoinCluster(o MembershipOptions) (*Membership, error) {
 	if _, _, err := net.SplitHostPort(o.ChunkAddr); err != nil {
 		return nil, fmt.Errorf("peers membership: chunk server address %q: %w", o.ChunkAddr, err)
 	}
-	m := &Membership{self: o.Name, chunkAddr: o.ChunkAddr, view: map[string]Member{}}
-	m.meta, m.truncated = encodeMeta(o.ChunkAddr, nil, memberlist.MetaMaxSize)
+	m := &Membership{self: o.Name, chunkAddr: o.ChunkAddr, view: map[string]Member{}, forgetAfter: o.ForgetAfter, stop: make(chan struct{})}
+	if m.forgetAfter <= 0 {
+		m.forgetAfter = 5 * time.Minute
+	}
+	m.meta, m.truncated = encodeMeta(o.ChunkAddr, nil, false, memberlist.MetaMaxSize)
 
 	c := memberlist.DefaultLANConfig()
 	c.Name = o.Name
@@ -105,8 +143,12 @@ func JoinCluster(o MembershipOptions) (*Membership, error) {
 	if c.LogOutput == nil {
 		c.LogOutput = io.Discard
 	}
+	c.Ping = (*pingDelegate)(m)
 	if o.Tune != nil {
 		o.Tune(c)
+	}
+	if c.Logger == nil {
+		c.LogOutput = suspicionLog{m: m, out: c.LogOutput}
 	}
 	ml, err := memberlist.Create(c)
 	if err != nil {
@@ -119,6 +161,7 @@ func JoinCluster(o MembershipOptions) (*Membership, error) {
 			return nil, fmt.Errorf("peers membership: join %v: %w", o.Join, err)
 		}
 	}
+	go m.forget(min(max(m.forgetAfter/4, 20*time.Millisecond), 10*time.Second))
 	return m, nil
 }
 
@@ -161,7 +204,7 @@ func (m *Membership) SetBases(ids []string) error {
 		return nil
 	}
 	m.bases = ids
-	m.meta, m.truncated = encodeMeta(m.chunkAddr, ids, memberlist.MetaMaxSize)
+	m.meta, m.truncated = encodeMeta(m.chunkAddr, ids, m.leaving, memberlist.MetaMaxSize)
 	m.mu.Unlock()
 	return m.ml.UpdateNode(2 * time.Second)
 }
@@ -181,7 +224,8 @@ func (m *Membership) OnChange(f func()) {
 	m.mu.Unlock()
 }
 
-// Members lists the live members (this node too), sorted by name.
+// Members lists the members (this node too), live or gone but not yet
+// forgotten, sorted by name.
 func (m *Membership) Members() []Member {
 	m.mu.RLock()
 	out := make([]Member, 0, len(m.view))
@@ -194,12 +238,24 @@ func (m *Membership) Members() []Member {
 	return out
 }
 
-// Serving lists the live members that advertise base, this node included.
+// Knows reports whether name is a member, live or not yet forgotten.
+func (m *Membership) Knows(name string) bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	_, ok := m.view[name]
+	return ok
+}
+
+// Serving lists the live members (alive or suspect) that advertise base,
+// this node included: a dead or departed member is never a home.
 func (m *Membership) Serving(base string) []Peer {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	var out []Peer
 	for _, mb := range m.view {
+		if !mb.Live() {
+			continue
+		}
 		if _, ok := slices.BinarySearch(mb.Bases, base); ok {
 			out = append(out, Peer{Name: mb.Name, Addr: mb.ChunkAddr})
 		}
@@ -207,20 +263,35 @@ func (m *Membership) Serving(base string) []Peer {
 	return out
 }
 
-// Leave tells the others this node is going, then stops gossip.
+// Leave tells the others this node is going (first in its metadata, so
+// they list it as left, not dead), then stops gossip.
 func (m *Membership) Leave(timeout time.Duration) error {
+	m.stopWatch()
+	m.mu.Lock()
+	m.leaving = true
+	m.meta, m.truncated = encodeMeta(m.chunkAddr, m.bases, true, memberlist.MetaMaxSize)
+	m.mu.Unlock()
+	m.ml.UpdateNode(timeout / 2) // best effort: without it, the others say dead
 	err := m.ml.Leave(timeout)
 	return errors.Join(err, m.ml.Shutdown())
 }
 
 // Shutdown stops gossip without a word (the others find out by probing,
 // as after a crash).
-func (m *Membership) Shutdown() error { return m.ml.Shutdown() }
+func (m *Membership) Shutdown() error {
+	m.stopWatch()
+	return m.ml.Shutdown()
+}
 
-// encodeMeta: version, chunk address, then base ids, each prefixed by its
-// length (uvarint), cut to fit limit. It returns how many ids were left out.
-func encodeMeta(addr string, ids []string, limit int) ([]byte, int) {
-	b := []byte{metaVersion}
+// encodeMeta: version, flags, chunk address, then base ids, each prefixed
+// by its length (uvarint), cut to fit limit. It returns how many ids were
+// left out.
+func encodeMeta(addr string, ids []string, leaving bool, limit int) ([]byte, int) {
+	var flags byte
+	if leaving {
+		flags |= metaLeaving
+	}
+	b := []byte{metaVersion, flags}
 	b = binary.AppendUvarint(b, uint64(len(addr)))
 	b = append(b, addr...)
 	for i, id := range ids {
@@ -235,11 +306,15 @@ func encodeMeta(addr string, ids []string, limit int) ([]byte, int) {
 
 // decodeMeta reads another member's metadata; anything malformed is an
 // error (the member is then not used as a home).
-func decodeMeta(b []byte) (addr string, ids []string, err error) {
-	if len(b) == 0 || b[0] != metaVersion {
-		return "", nil, errors.New("unknown metadata version")
+func decodeMeta(b []byte) (addr string, ids []string, leaving bool, err error) {
+	if len(b) < 2 || b[0] != metaVersion {
+		return "", nil, false, errors.New("unknown metadata version")
 	}
-	b = b[1:]
+	if b[1]&^metaLeaving != 0 {
+		return "", nil, false, fmt.Errorf("unknown metadata flags %#x", b[1])
+	}
+	leaving = b[1]&metaLeaving != 0
+	b = b[2:]
 	next := func() (string, error) {
 		n, k := binary.Uvarint(b)
 		if k <= 0 || n > uint64(len(b)-k) {
@@ -250,23 +325,23 @@ func decodeMeta(b []byte) (addr string, ids []string, err error) {
 		return s, nil
 	}
 	if addr, err = next(); err != nil {
-		return "", nil, err
+		return "", nil, false, err
 	}
 	if _, _, err := net.SplitHostPort(addr); err != nil {
-		return "", nil, fmt.Errorf("chunk address %q: %w", addr, err)
+		return "", nil, false, fmt.Errorf("chunk address %q: %w", addr, err)
 	}
 	for len(b) > 0 {
 		id, err := next()
 		if err != nil {
-			return "", nil, err
+			return "", nil, false, err
 		}
 		if cache.ValidID(id) != nil {
-			return "", nil, fmt.Errorf("base id %q", id)
+			return "", nil, false, fmt.Errorf("base id %q", id)
 		}
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)
-	return addr, ids, nil
+	return addr, ids, leaving, nil
 }
 
 type metaDelegate Membership
@@ -275,7 +350,7 @@ func (d *metaDelegate) NodeMeta(limit int) []byte {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if len(d.meta) > limit {
-		b, _ := encodeMeta(d.chunkAddr, d.bases, limit)
+		b, _ := encodeMeta(d.chunkAddr, d.bases, d.leaving, limit)
 		return b
 	}
 	return slices.Clone(d.meta)
@@ -290,12 +365,15 @@ func (d *metaDelegate) MergeRemoteState(buf []byte, join bool)     {}
 type eventDelegate Membership
 
 func (e *eventDelegate) set(n *memberlist.Node) {
-	mb := Member{Name: n.Name, Gossip: n.Address()}
-	addr, ids, err := decodeMeta(n.Meta)
+	mb := Member{Name: n.Name, Gossip: n.Address(), State: StateAlive, Since: time.Now()}
+	addr, ids, leaving, err := decodeMeta(n.Meta)
 	if err == nil && validName(n.Name) == nil {
-		mb.ChunkAddr, mb.Bases = addr, ids
+		mb.ChunkAddr, mb.Bases, mb.leaving = addr, ids, leaving
 	}
 	e.mu.Lock()
+	if old, ok := e.view[n.Name]; ok && old.State == mb.State {
+		mb.Since = old.Since // new metadata, same state
+	}
 	e.view[n.Name] = mb
 	fs := slices.Clone(e.onChange)
 	e.mu.Unlock()
@@ -310,9 +388,22 @@ func (e *eventDelegate) notify(fs []func()) {
 
 func (e *eventDelegate) NotifyJoin(n *memberlist.Node)   { e.set(n) }
 func (e *eventDelegate) NotifyUpdate(n *memberlist.Node) { e.set(n) }
+
+// NotifyLeave keeps the member, dead or left, with its last addresses
+// and bases, until it is forgotten. memberlist (v0.7.0) does not fill in
+// Node.State, so a leave is told from a failure by the member's own
+// metadata, flagged by Leave.
 func (e *eventDelegate) NotifyLeave(n *memberlist.Node) {
 	e.mu.Lock()
-	delete(e.view, n.Name)
+	mb, ok := e.view[n.Name]
+	if !ok {
+		mb = Member{Name: n.Name, Gossip: n.Address()}
+	}
+	mb.State, mb.Since = StateDead, time.Now()
+	if _, _, leaving, err := decodeMeta(n.Meta); (err == nil && leaving) || mb.leaving {
+		mb.State = StateLeft
+	}
+	e.view[n.Name] = mb
 	fs := slices.Clone(e.onChange)
 	e.mu.Unlock()
 	e.notify(fs)

@@ -32,10 +32,13 @@ func waitFor(t *testing.T, what string, within time.Duration, ok func() bool) ti
 	return time.Since(start)
 }
 
+// memberNames lists the live members with their bases.
 func memberNames(m *Membership) string {
 	var out []string
 	for _, mb := range m.Members() {
-		out = append(out, mb.Name+"["+strings.Join(mb.Bases, ",")+"]")
+		if mb.Live() {
+			out = append(out, mb.Name+"["+strings.Join(mb.Bases, ",")+"]")
+		}
 	}
 	return strings.Join(out, " ")
 }
@@ -143,16 +146,20 @@ func TestMetaEncoding(t *testing.T) {
 	for i := range 40 {
 		ids = append(ids, fmt.Sprintf("template-%02d.g0123456789ab", i))
 	}
-	b, cut := encodeMeta("10.0.0.1:7947", ids, memberlist.MetaMaxSize)
+	b, cut := encodeMeta("10.0.0.1:7947", ids, false, memberlist.MetaMaxSize)
 	if len(b) > memberlist.MetaMaxSize || cut == 0 {
 		t.Fatalf("%d bytes, %d cut", len(b), cut)
 	}
-	addr, got, err := decodeMeta(b)
-	if err != nil || addr != "10.0.0.1:7947" || !slices.Equal(got, ids[:len(ids)-cut]) {
-		t.Fatalf("decode: %v %s %v", err, addr, got)
+	addr, got, leaving, err := decodeMeta(b)
+	if err != nil || addr != "10.0.0.1:7947" || !slices.Equal(got, ids[:len(ids)-cut]) || leaving {
+		t.Fatalf("decode: %v %s %v %v", err, addr, got, leaving)
 	}
-	for _, bad := range [][]byte{nil, {2}, {1, 5, 'a'}, append(slices.Clone(b[:len(b)-1]), 0xff), {1, 3, 'a', ':', '1', 2, '.', '.'}} {
-		if _, _, err := decodeMeta(bad); err == nil {
+	lb, _ := encodeMeta("10.0.0.1:7947", ids[:2], true, memberlist.MetaMaxSize)
+	if _, got, leaving, err := decodeMeta(lb); err != nil || !leaving || !slices.Equal(got, ids[:2]) {
+		t.Fatalf("decode a leaving member's metadata: %v %v %v", err, got, leaving)
+	}
+	for _, bad := range [][]byte{nil, {2}, {1, 0, 1, ':'}, {2, 0, 5, 'a'}, {2, 4, 1, ':'}, append(slices.Clone(b[:len(b)-1]), 0xff), {2, 0, 3, 'a', ':', '1', 2, '.', '.'}} {
+		if _, _, _, err := decodeMeta(bad); err == nil {
 			t.Errorf("malformed metadata %q accepted", bad)
 		}
 	}

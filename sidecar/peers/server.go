@@ -132,6 +132,8 @@ type ServerOptions struct {
 	// Trace, when set, is the boot trace file of an open base (GET
 	// /v1/trace); an error wrapping os.ErrNotExist when it has none.
 	Trace func(key BaseKey) ([]byte, error)
+	// Traffic, when set, counts the chunk bytes served to each member.
+	Traffic *Traffic
 }
 
 // ServerStats are the chunk server's counters.
@@ -311,6 +313,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if _, err := w.Write(p); err == nil {
 		s.requests.Add(1)
 		s.served.Add(uint64(n))
+		s.opts.Traffic.served(asker, len(p))
 	}
 }
 

@@ -50,6 +50,9 @@ type SourceOptions struct {
 	// Stats, when set, is where the source counts (several sources may
 	// share one); nil: its own.
 	Stats *SourceStats
+	// Traffic, when set, counts the verified bytes read from each member
+	// and times every fetch by outcome (one for every source of the node).
+	Traffic *Traffic
 }
 
 // SourceStats are a Source's counters; the fields are safe to read while
@@ -199,6 +202,7 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 		t0 := time.Now()
 		err := s.o.Fetcher.Fetch(context.Background(), Peer{Name: name, Addr: addr[name]}, req, q)
 		if err != nil {
+			s.o.Traffic.observe(fetchOutcome(err), time.Since(t0))
 			s.stats.PeerErrors.Add(1)
 			if fe := (*FetchError)(nil); !errors.As(err, &fe) || fe.Unavailable {
 				s.markDown(name)
@@ -206,11 +210,15 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 			continue
 		}
 		if !s.o.Manifest.Verify(c, q) {
+			s.o.Traffic.observe(OutcomeCorrupt, time.Since(t0))
 			s.stats.CorruptChunks.Add(1)
 			s.markDown(name)
 			continue
 		}
-		s.stats.PeerFetchNanos.Add(uint64(time.Since(t0)))
+		took := time.Since(t0)
+		s.o.Traffic.observe(OutcomeOK, took)
+		s.o.Traffic.received(name, len(q))
+		s.stats.PeerFetchNanos.Add(uint64(took))
 		s.stats.PeerFetches.Add(1)
 		s.stats.ChunksFromPeers.Add(1)
 		s.stats.BytesFromPeers.Add(uint64(len(q)))

@@ -73,6 +73,31 @@ func TestWaveEachChunkFromOriginOnce(t *testing.T) {
 	if fromPeers != 3*chunks {
 		t.Errorf("%d chunks from peers, want %d", fromPeers, 3*chunks)
 	}
+	// Per member: what a node received from another is what that one
+	// served it, and every fetch was timed as ok.
+	var received uint64
+	for _, a := range nodes {
+		for _, b := range nodes {
+			got, sent := a.traffic.Members()[b.name].Received, b.traffic.Members()[a.name].Served
+			if got != sent {
+				t.Errorf("%s received %d bytes from %s, which served it %d", a.name, got, b.name, sent)
+			}
+			received += got
+		}
+		f := a.traffic.Fetches()
+		if f[OutcomeOK].Count != a.src.Stats().ChunksFromPeers.Load() || f[OutcomeError].Count+f[OutcomeTimeout].Count+f[OutcomeCorrupt].Count != 0 {
+			t.Errorf("%s: fetch histogram %+v, %d chunks from peers", a.name, f, a.src.Stats().ChunksFromPeers.Load())
+		}
+	}
+	{
+		var total uint64
+		for _, nd := range nodes {
+			total += nd.src.Stats().BytesFromPeers.Load()
+		}
+		if received != total {
+			t.Errorf("per-member received bytes %d, per-base %d", received, total)
+		}
+	}
 }
 
 // Many askers at once for one chunk of a slow origin: the home reads it
@@ -145,6 +170,17 @@ func TestCorruptPeerIsNotBelieved(t *testing.T) {
 	if corrupt == 0 || bad.srv.Stats().Requests == 0 {
 		t.Fatalf("corrupt chunks %d, requests to the bad node %d: the fault was not exercised", corrupt, bad.srv.Stats().Requests)
 	}
+	// Timed as corrupt, and no byte from the bad node counted as received.
+	var timed uint64
+	for _, nd := range []*node{nodes[0], nodes[2]} {
+		timed += nd.traffic.Fetches()[OutcomeCorrupt].Count
+		if r := nd.traffic.Members()[bad.name].Received; r != 0 {
+			t.Errorf("%s counts %d bytes received from the corrupt node", nd.name, r)
+		}
+	}
+	if timed != corrupt {
+		t.Errorf("%d corrupt fetches timed, %d counted", timed, corrupt)
+	}
 }
 
 // Peers that are dead, slow or answer errors cost a reader time, never a
@@ -196,7 +232,8 @@ func TestFailingPeersFallBack(t *testing.T) {
 	cl := NewClient(identity(t, ca, me), ClientOptions{Timeout: 150 * time.Millisecond})
 	defer cl.Close()
 	origin := newCounting(data, chunk)
-	src, err := NewSource(origin, SourceOptions{Key: testKey, Manifest: m, Fetcher: cl, MaxAttempts: 3, Cooldown: 300 * time.Millisecond,
+	traffic := NewTraffic()
+	src, err := NewSource(origin, SourceOptions{Key: testKey, Manifest: m, Fetcher: cl, MaxAttempts: 3, Cooldown: 300 * time.Millisecond, Traffic: traffic,
 		Members: StaticMembers{Me: me, Peers: []Peer{{"dead", deadAddr}, {"slow", slowAddr}, {"erring", errAddr}}}})
 	if err != nil {
 		t.Fatal(err)
@@ -221,6 +258,16 @@ func TestFailingPeersFallBack(t *testing.T) {
 		t.Fatalf("40 chunks took %v behind failing peers", el)
 	}
 	t.Logf("40 chunks in %v: %d peer errors, %d skipped", time.Since(start), st.PeerErrors.Load(), st.PeerSkipped.Load())
+	// The slow peer's fetches are timed as timeouts (at about the client's
+	// timeout), the dead and erring ones' as errors.
+	f := traffic.Fetches()
+	if f[OutcomeTimeout].Count == 0 || f[OutcomeError].Count == 0 || f[OutcomeOK].Count != 0 ||
+		f[OutcomeTimeout].Count+f[OutcomeError].Count != st.PeerErrors.Load() {
+		t.Fatalf("fetch outcomes %+v, %d peer errors", f, st.PeerErrors.Load())
+	}
+	if slow := f[OutcomeTimeout]; slow.Sum/float64(slow.Count) < 0.1 || slow.Buckets[0.1] != 0 {
+		t.Fatalf("timeouts took %.3f s on average, buckets %v: want about the 150 ms timeout", slow.Sum/float64(slow.Count), slow.Buckets)
+	}
 
 	// The erring peer is fixed: after the cool-down it serves again.
 	mu.Lock()
@@ -238,6 +285,9 @@ func TestFailingPeersFallBack(t *testing.T) {
 	}
 	if st.ChunksFromPeers.Load() == 0 || errSrv.Stats().Requests == 0 {
 		t.Fatal("the peer that came back was not used again")
+	}
+	if r := traffic.Members()["erring"].Received; r != st.BytesFromPeers.Load() || traffic.Fetches()[OutcomeOK].Count != st.ChunksFromPeers.Load() {
+		t.Fatalf("received from the fixed peer %d bytes, from peers %d; ok fetches %d", r, st.BytesFromPeers.Load(), traffic.Fetches()[OutcomeOK].Count)
 	}
 }
 

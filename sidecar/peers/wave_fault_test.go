@@ -41,7 +41,8 @@ func TestHomeDiesMidWave(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(60 * time.Millisecond)
+	// Cut it once it has served (under -race the wave starts slowly).
+	waitFor(t, "the victim serves", 10*time.Second, func() bool { return victim.srv.Stats().Requests > 0 })
 	victim.srv.Close()
 	wg.Wait()
 	served := victim.srv.Stats().Requests
