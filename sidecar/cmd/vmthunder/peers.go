@@ -5,10 +5,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
+	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 	"github.com/vmthunder/vmthunder/sidecar/peers"
@@ -16,7 +19,7 @@ import (
 )
 
 func init() {
-	register("peers", "list the peers cluster's members, their state and the bases each serves", runPeers)
+	register("peers", "list the peers cluster's members: state, since when, bases served, chunk bytes to and from each", runPeers)
 	register("manifest", "make a template's chunk manifest from its origin (at publish time), or import one", runManifest)
 }
 
@@ -39,8 +42,15 @@ func runPeers(args []string) error {
 		fmt.Println("peers are not enabled on this node ([peers] enabled = true)")
 		return nil
 	}
-	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "MEMBER\tSTATE\tGOSSIP\tCHUNKS\tBASES")
+	return printPeers(os.Stdout, *v, time.Now())
+}
+
+// printPeers writes the members as a table: state and how long it has
+// held, the bases each serves (or served, when gone), the chunk bytes
+// this node received from it and served to it.
+func printPeers(out io.Writer, v api.Peers, now time.Time) error {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "MEMBER\tSTATE\tSINCE\tRECEIVED\tSERVED\tGOSSIP\tCHUNKS\tBASES")
 	for _, m := range v.Members {
 		name := m.Name
 		if m.Self {
@@ -50,7 +60,11 @@ func runPeers(args []string) error {
 		if bases == "" {
 			bases = "-"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", name, m.State, m.Gossip, m.ChunkAddr, bases)
+		since := "-"
+		if !m.Since.IsZero() {
+			since = now.Sub(m.Since).Round(time.Second).String() + " ago"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", name, m.State, since, m.ReceivedBytes, m.ServedBytes, m.Gossip, m.ChunkAddr, bases)
 	}
 	return w.Flush()
 }
