@@ -178,9 +178,16 @@ func TestWaveRogueCert(t *testing.T) {
 	if r.PeerErrors == 0 {
 		t.Error("the rogue node saw no refused peer request: did it ask any?")
 	}
+	// The others served only each other: what they served is what they
+	// got from peers, none of it to the rogue node.
+	var served, got uint64
 	for _, n := range w.Nodes {
-		if n.Node != 2 && n.Served > 0 && r.FromPeers > 0 {
-			t.Errorf("node%d served %d bytes", n.Node, n.Served)
+		if n.Node != 2 {
+			served += n.Served
+			got += n.FromPeers
 		}
+	}
+	if served != got || r.Served != 0 {
+		t.Errorf("the cluster's nodes served %d bytes and got %d from peers; the rogue node served %d", served, got, r.Served)
 	}
 }
