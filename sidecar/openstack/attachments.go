@@ -25,12 +25,14 @@ type Attachment struct {
 	ConnectionInfo map[string]any
 }
 
-// createBody is an attachment create (3.54: mode at the top level).
+// createBody is an attachment create (3.54: mode at the top level). It
+// names no instance: an attachment "connected to a vm" may only be deleted
+// by Nova (Cinder asks Nova first, bug #2004555), and this one is the
+// node's, not a VM's.
 type createBody struct {
-	VolumeUUID   string         `json:"volume_uuid"`
-	InstanceUUID string         `json:"instance_uuid"`
-	Connector    map[string]any `json:"connector"`
-	Mode         string         `json:"mode"`
+	VolumeUUID string         `json:"volume_uuid"`
+	Connector  map[string]any `json:"connector"`
+	Mode       string         `json:"mode"`
 }
 
 func (b createBody) ToAttachmentCreateMap() (map[string]any, error) {
@@ -42,7 +44,7 @@ func (b createBody) ToAttachmentCreateMap() (map[string]any, error) {
 // connection_info (checked: iscsi, parsable by origin). A failure after
 // the create deletes the attachment again.
 func (c *Client) Attach(ctx context.Context, volumeID, mode string) (*Attachment, error) {
-	a, err := attachments.Create(ctx, c.bs, createBody{VolumeUUID: volumeID, InstanceUUID: c.InstanceUUID(),
+	a, err := attachments.Create(ctx, c.bs, createBody{VolumeUUID: volumeID,
 		Connector: c.Connector(mode), Mode: mode}).Extract()
 	if err != nil {
 		return nil, wrap("attach volume "+volumeID, err)
@@ -69,12 +71,12 @@ func (c *Client) Detach(ctx context.Context, attachmentID string) error {
 	return wrap("delete attachment "+attachmentID, err)
 }
 
-// HostAttachments lists the attachments of volume v that this node made
-// (attached host and instance are this node's).
+// HostAttachments lists the attachments of volume v that this node made:
+// attached to its host, and to no instance (a VM's are Nova's).
 func (c *Client) HostAttachments(v *Volume) []string {
 	var ids []string
 	for _, a := range v.Attachments {
-		if a.HostName == c.cfg.Host && (a.ServerID == "" || a.ServerID == c.InstanceUUID()) {
+		if a.HostName == c.cfg.Host && a.ServerID == "" {
 			id := a.AttachmentID
 			if id == "" {
 				id = a.ID

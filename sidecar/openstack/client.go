@@ -7,7 +7,6 @@ package openstack
 
 import (
 	"context"
-	"crypto/sha1"
 	"errors"
 	"fmt"
 	"io"
@@ -203,20 +202,6 @@ func (c *Client) Connector(mode string) map[string]any {
 		"do_local_attach": false,
 		"mode":            mode,
 	}
-}
-
-// InstanceUUID is the instance id this node's template attachments carry:
-// a name-based UUID of the host, so they can be told from Nova's.
-func (c *Client) InstanceUUID() string { return nodeUUID(c.cfg.Host) }
-
-func nodeUUID(host string) string {
-	// RFC 4122 version 5 (SHA-1, name-based) in a namespace of our own.
-	ns := []byte("vmthunder-template-attachment:")
-	sum := sha1.Sum(append(ns, host...))
-	b := sum[:16]
-	b[6] = b[6]&0x0f | 0x50
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 // localIP is the address this node reaches the network from (the
