@@ -25,8 +25,9 @@ import (
 // peerEnvs starts n daemons on loopback with [peers] enabled (certs from
 // one test CA), each with a file origin holding content, the manifest of
 // template tmpl generation gen1 imported, and a readonly export "vm" of
-// it; it returns once every node sees all n serving the base.
-func peerEnvs(t *testing.T, n int, content []byte) ([]*env, string) {
+// it; it returns once every node sees all n serving the base. more, if
+// given, adjusts each node's config further.
+func peerEnvs(t *testing.T, n int, content []byte, more ...func(*config.Config)) ([]*env, string) {
 	t.Helper()
 	peerTune = func(c *memberlist.Config) {
 		c.GossipInterval = 30 * time.Millisecond
@@ -57,6 +58,9 @@ func peerEnvs(t *testing.T, n int, content []byte) ([]*env, string) {
 		e := newEnv(t, func(c *config.Config) {
 			c.Peers = config.Peers{Enabled: true, Bind: "127.0.0.1:0", Listen: "127.0.0.1:0", Join: join,
 				CAFile: caF, CertFile: certF, KeyFile: keyF}
+			for _, f := range more {
+				f(c)
+			}
 		})
 		if i == 0 {
 			join = []string{e.d.peers.ml.GossipAddr()}
