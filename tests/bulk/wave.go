@@ -165,6 +165,13 @@ func (l *Lab) makeCerts() error {
 	return nil
 }
 
+// SetTrace replaces the trace the next waves replay (another think-time
+// scale of the same boot).
+func (l *Lab) SetTrace(t *Trace) error {
+	l.o.Trace = t
+	return t.Save(l.traceFile)
+}
+
 func nodeName(i int) string { return fmt.Sprintf("node%d", i) }
 
 // Close stops everything and removes the namespaces.
