@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"crypto/rand"
 	"os"
 	"regexp"
 	"strings"
@@ -10,7 +11,8 @@ import (
 )
 
 // Every series the Grafana dashboard and the docs name is one the daemon
-// exports.
+// exports (with peers enabled for the peer series). Whether each panel's
+// query returns series is TestDashboardPanelsReturnSeries'.
 func TestDashboardSeriesExist(t *testing.T) {
 	e := newEnv(t, nil)
 	img, _ := e.image("a.raw", 1<<20)
@@ -30,13 +32,20 @@ func TestDashboardSeriesExist(t *testing.T) {
 	if _, err := e.c.Warm(ctx(t), x.Base, nil); err != nil {
 		t.Fatal(err)
 	}
-	mfs, err := e.d.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Two nodes with peers read a template: the peer series.
+	content := make([]byte, 1<<20)
+	rand.Read(content)
+	peerNodes, _ := peerEnvs(t, 2, content)
+	readAll(t, peerNodes)
 	have := map[string]bool{}
-	for _, mf := range mfs {
-		have[mf.GetName()] = true
+	for _, d := range []*Daemon{e.d, peerNodes[0].d, peerNodes[1].d} {
+		mfs, err := d.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			have[mf.GetName()] = true
+		}
 	}
 	re := regexp.MustCompile(`vmthunder_[a-z_]+`)
 	for _, f := range []string{"../../contrib/grafana/vmthunder.json", "../../docs/api.md"} {
