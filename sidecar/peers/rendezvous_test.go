@@ -43,6 +43,7 @@ func TestRendezvousStability(t *testing.T) {
 			}
 		}
 		want := float64(chunks) / float64(n+1)
+		t.Logf("n=%d -> %d (a join): %.4f of the chunks moved, all to the new member (ideal 1/%d = %.4f)", n, n+1, float64(moved)/chunks, n+1, 1/float64(n+1))
 		if math.Abs(float64(moved)-want) > 0.15*want {
 			t.Errorf("n=%d -> %d: %d chunks moved, want about %.0f (1/%d)", n, n+1, moved, want, n+1)
 		}
@@ -65,6 +66,7 @@ func TestRendezvousStability(t *testing.T) {
 			}
 		}
 		want = float64(chunks) / float64(n+1)
+		t.Logf("n=%d -> %d (a leave): %.4f of the chunks moved, exactly those of the member that left", n+1, n, float64(moved)/chunks)
 		if math.Abs(float64(moved)-want) > 0.15*want {
 			t.Errorf("n=%d: %d chunks moved when a member left, want about %.0f", n+1, moved, want)
 		}

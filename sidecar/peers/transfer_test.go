@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -100,38 +101,42 @@ func TestWaveEachChunkFromOriginOnce(t *testing.T) {
 	}
 }
 
-// Many askers at once for one chunk of a slow origin: the home reads it
-// from its origin once.
+// Many askers at once (8 nodes, 4 requests each) for one chunk of a slow
+// origin: the home reads it from its origin once and answers them all.
 func TestHomeSingleFlight(t *testing.T) {
-	const chunk = 64 << 10
+	const chunk, c = 64 << 10, 3
 	data := randomBytes(4, 8*chunk)
 	m := manifestOf(t, data, chunk)
 	ca := testCA(t)
-	nodes := cluster(t, ca, 2, data, m, clusterOpts{})
+	nodes := cluster(t, ca, 1, data, m, clusterOpts{})
 	home := nodes[0]
 	home.origin.delay = 100 * time.Millisecond
-	// Askers whose weight for the chunk is below the home's.
-	var c int64
-	for c = 0; Weight("asker", testKey.ID, c) > Weight(home.name, testKey.ID, c); c++ {
+	// Askers whose weight for the chunk is below the home's (the home
+	// refuses the others: they would be the better home).
+	var askers []*Client
+	for i := 0; len(askers) < 8; i++ {
+		name := fmt.Sprintf("asker-%d", i)
+		if Weight(name, testKey.ID, c) < Weight(home.name, testKey.ID, c) {
+			cl := NewClient(identity(t, ca, name), ClientOptions{})
+			t.Cleanup(cl.Close)
+			askers = append(askers, cl)
+		}
 	}
-	if c >= 8 {
-		t.Skip("no chunk where the asker is below the home")
-	}
-	cl := NewClient(identity(t, ca, "asker"), ClientOptions{})
-	defer cl.Close()
 	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, n := m.Span(c)
-			p := make([]byte, n)
-			if err := cl.Fetch(context.Background(), Peer{home.name, home.addr}, Request{testKey, chunk, c}, p); err != nil {
-				t.Error(err)
-			} else if !m.Verify(c, p) {
-				t.Error("wrong bytes")
-			}
-		}()
+	for _, cl := range askers {
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, n := m.Span(c)
+				p := make([]byte, n)
+				if err := cl.Fetch(context.Background(), Peer{home.name, home.addr}, Request{testKey, chunk, c}, p); err != nil {
+					t.Error(err)
+				} else if !m.Verify(c, p) {
+					t.Error("wrong bytes")
+				}
+			}()
+		}
 	}
 	wg.Wait()
 	if got := home.origin.readsOf(c); got != 1 {
@@ -139,6 +144,15 @@ func TestHomeSingleFlight(t *testing.T) {
 	}
 	if st := home.srv.Stats(); st.Requests != 32 {
 		t.Fatalf("served %d requests, want 32", st.Requests)
+	}
+	// Each asker was served its 4 chunks, by name.
+	for name, b := range home.traffic.Members() {
+		if b.Served != 4*chunk {
+			t.Errorf("served %s %d bytes, want %d", name, b.Served, 4*chunk)
+		}
+	}
+	if len(home.traffic.Members()) != 8 {
+		t.Errorf("served %d askers, want 8", len(home.traffic.Members()))
 	}
 }
 
