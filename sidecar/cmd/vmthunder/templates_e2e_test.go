@@ -1,0 +1,343 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmthunder/vmthunder/sidecar/api"
+	"github.com/vmthunder/vmthunder/sidecar/api/client"
+	"github.com/vmthunder/vmthunder/sidecar/config"
+	"github.com/vmthunder/vmthunder/sidecar/openstack"
+)
+
+// cinderCloud is a real one-node Cinder 29 (tests/openstack: cinder-api,
+// -scheduler, -volume with noauth, RabbitMQ, a file-on-tgtd backend).
+type cinderCloud struct {
+	Endpoint           string `json:"endpoint"`
+	ProjectID          string `json:"project_id"`
+	TemplateVolumeType string `json:"template_volume_type"`
+	Workdir            string `json:"workdir"`
+}
+
+// startCinder starts the harness (about 10 s) and stops it when the test
+// ends, or uses the one $VMTHUNDER_CINDER_INFO describes. VMTHUNDER_PYTHON is the venv's python (default .venv/bin/python at
+// the repository root).
+func startCinder(t *testing.T) *cinderCloud {
+	t.Helper()
+	// A cloud already up (the JSON line `up` printed) is used as it is.
+	if info := os.Getenv("VMTHUNDER_CINDER_INFO"); info != "" {
+		var c cinderCloud
+		if err := json.Unmarshal([]byte(info), &c); err != nil {
+			t.Fatalf("VMTHUNDER_CINDER_INFO: %v", err)
+		}
+		return &c
+	}
+	root, err := filepath.Abs("../../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	py := os.Getenv("VMTHUNDER_PYTHON")
+	if py == "" {
+		py = filepath.Join(root, ".venv", "bin", "python")
+	}
+	work, err := os.MkdirTemp("", "vmt-cinder-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(work) // the harness makes it
+	cmd := exec.Command(py, "-m", "tests.openstack.cinder", "up", "--workdir", work)
+	cmd.Dir = root
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("starting the Cinder harness (%s -m tests.openstack.cinder up; make venv and scripts/install-deps.sh install it): %v\n%s", py, err, se.String())
+	}
+	t.Cleanup(func() {
+		down := exec.Command(py, "-m", "tests.openstack.cinder", "down", "--workdir", work)
+		down.Dir = root
+		if b, err := down.CombinedOutput(); err != nil {
+			t.Errorf("stopping the Cinder harness: %v\n%s", err, b)
+		}
+	})
+	lines := strings.Split(strings.TrimSpace(so.String()), "\n")
+	var c cinderCloud
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &c); err != nil {
+		t.Fatalf("harness answer %q: %v", so.String(), err)
+	}
+	return &c
+}
+
+// tmplNode is a daemon process with a [cinder] section naming host.
+func tmplNode(t *testing.T, c *cinderCloud, host string) *daemonProc {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "vmtt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p := &daemonProc{t: t, dir: dir, conf: filepath.Join(dir, "vmthunder.conf"),
+		api: filepath.Join(dir, "run", "api.sock"), log: filepath.Join(dir, "daemon.log")}
+	conf := fmt.Sprintf(`[DEFAULT]
+state_dir = %[1]s/state
+api_socket = %[1]s/run/api.sock
+nbd_socket_dir = %[1]s/run/nbd
+log_level = debug
+
+[cache]
+dir = %[1]s/cache
+chunk_size = 64K
+
+[cinder]
+auth_strategy = noauth
+endpoint = %[2]s
+template_volume_type = %[3]s
+host = %[4]s
+`, dir, c.Endpoint, c.TemplateVolumeType, host)
+	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p.start()
+	t.Cleanup(p.stop)
+	return p
+}
+
+func cinderClient(t *testing.T, conf string) *openstack.Client {
+	t.Helper()
+	cfg, _, err := config.Load(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := openstack.New(context.Background(), cfg.Cinder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// hostAttachments are the attachments host holds on volume id, per Cinder.
+func hostAttachments(t *testing.T, c *openstack.Client, id string) []string {
+	t.Helper()
+	v, err := c.Volume(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.HostAttachments(v)
+}
+
+// readPrefix reads the first n bytes of an NBD export with qemu-img (a
+// client that is not ours); n is a multiple of 512.
+func readPrefix(t *testing.T, socket, export string, n int) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "read.raw")
+	opts := fmt.Sprintf("driver=raw,size=%d,file.driver=nbd,file.server.type=unix,file.server.path=%s,file.export=%s", n, socket, export)
+	if b, err := exec.Command("qemu-img", "convert", "--image-opts", opts, "-O", "raw", out).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert %s: %v: %s", opts, err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// The whole template path against a real Cinder: publish a file, list it,
+// two cow exports of it share one base and one read-only attachment, the
+// data read is the file's, a daemon restart re-attaches, the last export
+// going deletes the attachment in Cinder, an attachment a crash left is
+// deleted at start, and a volume that is not a template is refused.
+func TestTemplateVolumesThroughCinder(t *testing.T) {
+	cl := startCinder(t)
+	host := fmt.Sprintf("vmt-e2e-%d", os.Getpid())
+	node := tmplNode(t, cl, host)
+	cc := cinderClient(t, node.conf)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	// Publish an odd-sized file (the last block is padded, the generation
+	// covers the file's bytes only).
+	size := 3<<20 + 12345
+	img, data := randomFile(t, node.dir, "image.raw", size)
+	sum := sha256.Sum256(data)
+	gen := "sha256:" + hex.EncodeToString(sum[:])
+	out, errOut, code := node.cli("publish", "--config", node.conf, "--file", img, "--name", "e2e-"+host, "--image-id", "img-"+host, "--json")
+	if code != 0 {
+		t.Fatalf("publish: exit %d: %s", code, errOut)
+	}
+	if !strings.Contains(errOut, "write: ") || !strings.Contains(errOut, "(100%)") {
+		t.Errorf("publish printed no progress lines off a terminal: %s", errOut)
+	}
+	var pub api.Template
+	if err := json.Unmarshal([]byte(out), &pub); err != nil {
+		t.Fatalf("publish --json: %v: %s", err, out)
+	}
+	if pub.Generation != gen || pub.Size != int64(size) || pub.ImageID != "img-"+host || pub.ChunkSize != 64<<10 {
+		t.Fatalf("published %+v, want generation %s size %d", pub, gen, size)
+	}
+	vol, err := cc.Volume(ctx, pub.VolumeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vol.Metadata["vmthunder_image_checksum"] == "" || !vol.Multiattach || vol.Status != "available" {
+		t.Fatalf("volume after publish: status %s multiattach %v metadata %v", vol.Status, vol.Multiattach, vol.Metadata)
+	}
+	if n := len(cc.HostAttachments(vol)) + len(vol.Attachments); n != 0 {
+		t.Fatalf("publish left %d attachments", n)
+	}
+
+	// Listed by the CLI (straight from Cinder) and by the daemon.
+	if l := node.mustCLI("templates", "--config", node.conf, "--image-id", "img-"+host); !strings.Contains(l, pub.VolumeID) || !strings.Contains(l, gen) {
+		t.Fatalf("vmthunder templates:\n%s", l)
+	}
+	ac := client.New(node.api)
+	l, err := ac.Templates(ctx, "img-"+host)
+	if err != nil || len(l) != 1 || l[0].VolumeID != pub.VolumeID || l[0].Generation != gen || l[0].Status != "available" {
+		t.Fatalf("GET /v1/templates?image_id: %v %+v", err, l)
+	}
+	if l, err := ac.Templates(ctx, "no-such-image"); err != nil || len(l) != 0 {
+		t.Fatalf("templates of another image: %v %+v", err, l)
+	}
+
+	// Two cow exports: one base, one attachment, the file's bytes.
+	var exps [2]*apiExport
+	for i := range exps {
+		e, err := ac.Create(ctx, apiCreate(fmt.Sprintf("vm%d", i), pub.VolumeID))
+		if err != nil {
+			t.Fatalf("create vm%d: %v", i, err)
+		}
+		exps[i] = e
+	}
+	if exps[0].Base != exps[1].Base || !strings.HasPrefix(exps[0].Base, "tmpl-"+pub.VolumeID+".g") ||
+		exps[0].TemplateVolume != pub.VolumeID || exps[0].Generation != gen || exps[0].Template != "tmpl-"+pub.VolumeID {
+		t.Fatalf("exports %+v %+v", exps[0], exps[1])
+	}
+	if strings.Contains(exps[0].Origin, "auth_password") {
+		t.Fatalf("origin shows a secret: %s", exps[0].Origin)
+	}
+	att := hostAttachments(t, cc, pub.VolumeID)
+	if len(att) != 1 {
+		t.Fatalf("Cinder has %d attachments of host %s, want 1: %v", len(att), host, att)
+	}
+	aligned := (size + 511) &^ 511
+	for _, e := range exps {
+		got := readPrefix(t, e.Socket, e.ID, aligned)
+		if !bytes.Equal(got[:size], data) || !bytes.Equal(got[size:], make([]byte, aligned-size)) {
+			t.Fatalf("export %s does not read the published file", e.ID)
+		}
+	}
+	// A guest's write stays in its own store.
+	qemuIOWrite(t, exps[0].URI, "write -P 0x5a 0 65536")
+	if got := readPrefix(t, exps[1].Socket, exps[1].ID, 65536); !bytes.Equal(got, data[:65536]) {
+		t.Fatal("a write to vm0 shows in vm1")
+	}
+
+	// Refusals.
+	plain, err := cc.CreateVolume(ctx, openstack.CreateOpts{Name: "plain-" + host, SizeGiB: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cc.WaitStatus(ctx, plain.ID, 2*time.Minute, nil, "available"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		vol, mode string
+		status    int
+		code, msg string
+	}{
+		{plain.ID, "cow", 400, "invalid", "not a published template"},
+		{"00000000-0000-4000-8000-000000000000", "cow", 404, "not_found", "no volume"},
+		{pub.VolumeID, "write-through", 400, "invalid", "want cow or readonly"},
+	} {
+		_, err := ac.Create(ctx, apiCreate("bad", tc.vol, tc.mode))
+		var ae *apiError
+		if !errors.As(err, &ae) || ae.Status != tc.status || ae.Code != tc.code || !strings.Contains(ae.Message, tc.msg) {
+			t.Errorf("create from %s (%s): %v, want %d %s %q", tc.vol, tc.mode, err, tc.status, tc.code, tc.msg)
+		}
+	}
+	if n := len(hostAttachments(t, cc, plain.ID)); n != 0 {
+		t.Errorf("the refused volume has %d attachments", n)
+	}
+
+	// A restart re-attaches (the stopped daemon's base closed and let its
+	// attachment go) and serves the same bytes.
+	node.stop()
+	if n := len(hostAttachments(t, cc, pub.VolumeID)); n != 0 {
+		t.Fatalf("a stopped daemon holds %d attachments", n)
+	}
+	node.start()
+	if e, err := ac.Get(ctx, "vm1"); err != nil || e.State != "ready" {
+		t.Fatalf("vm1 after restart: %v %+v", err, e)
+	}
+	if att2 := hostAttachments(t, cc, pub.VolumeID); len(att2) != 1 {
+		t.Fatalf("after restart: %d attachments, want 1", len(att2))
+	}
+	if got := readPrefix(t, exps[1].Socket, "vm1", aligned); !bytes.Equal(got[:size], data) {
+		t.Fatal("vm1 reads other bytes after the restart")
+	}
+	if got := readPrefix(t, exps[0].Socket, "vm0", 65536); !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 65536)) {
+		t.Fatal("vm0 lost its write over the restart")
+	}
+
+	// The last export going deletes the attachment.
+	if err := ac.Delete(ctx, "vm0", true); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(hostAttachments(t, cc, pub.VolumeID)); n != 1 {
+		t.Fatalf("with vm1 left: %d attachments, want 1", n)
+	}
+	if err := ac.Delete(ctx, "vm1", true); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(hostAttachments(t, cc, pub.VolumeID)); n != 0 {
+		t.Fatalf("no export left, Cinder still has %d attachments of this host", n)
+	}
+
+	// An attachment a crash left is deleted at the next start.
+	if _, err := cc.Attach(ctx, pub.VolumeID, openstack.ModeRO); err != nil {
+		t.Fatal(err)
+	}
+	node.stop()
+	node.start()
+	deadline := time.Now().Add(60 * time.Second)
+	for len(hostAttachments(t, cc, pub.VolumeID)) != 0 {
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(node.log)
+			t.Fatalf("the left-behind attachment was not deleted at start\n%s", b)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if b, _ := os.ReadFile(node.log); !bytes.Contains(b, []byte("left behind")) {
+		t.Error("the daemon did not log the attachment it deleted")
+	}
+}
+
+type (
+	apiExport = api.Export
+	apiError  = api.Error
+)
+
+func apiCreate(id, vol string, mode ...string) api.CreateRequest {
+	m := api.ModeCOW
+	if len(mode) > 0 {
+		m = mode[0]
+	}
+	return api.CreateRequest{ID: id, TemplateVolume: vol, Mode: m}
+}
+
+func qemuIOWrite(t *testing.T, uri, cmd string) {
+	t.Helper()
+	b, err := exec.Command("qemu-io", "-f", "raw", "-c", cmd, uri).CombinedOutput()
+	if err != nil || bytes.Contains(b, []byte("failed")) {
+		t.Fatalf("qemu-io %s: %v: %s", cmd, err, b)
+	}
+}
