@@ -17,14 +17,18 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 qemu-utils qemu-block-extra \
   nbdkit libnbd-bin python3-libnbd fio \
   busybox-static linux-image-amd64 e2fsprogs cpio \
-  iproute2 prometheus procps psmisc util-linux sudo curl passwd
+  iproute2 prometheus procps psmisc util-linux sudo curl passwd \
+  python3 python3-venv python3-dev rabbitmq-server sqlite3
 
 # libvirt runs QEMU as libvirt-qemu; it has to be able to reach sockets in
 # the group the daemon hands them to.
 getent group libvirt-qemu >/dev/null || true
 
-# Python packages (pytest, ruff, the real os-brick and nova the shims are
-# tested against) are installed by `make python-deps`, which `make test`
-# runs as you, into the Python the tests use.
+# The Debian package starts a system RabbitMQ where it can; the tests run
+# their own private node (tests/openstack) and do not need it.
+
+# Python packages (pytest, ruff, Nova, Cinder, Glance, Placement, os-brick,
+# libvirt-python built against libvirt-dev) go into the venv `make venv`
+# creates from Debian's python3 with requirements-lock.txt; `make test` runs it.
 
 echo "install-deps: done"

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Python shims: installed with pip (not editable: the Nova plugin puts a
+# Python shims and the test control plane (tests/openstack): shims installed with pip (not editable: the Nova plugin puts a
 # package into nova's own nova/virt directory, which an editable install
 # cannot do), then tested with pytest against real os-brick, nova, tgtd,
 # libvirtd and the sidecar ($VMTHUNDER_BIN, else bin/vmthunder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# The venv `make venv` creates (OpenStack services, shims' dependencies, pytest).
+PY=${PYTHON:-.venv/bin/python}
+if [ ! -x "$PY" ] && [ -z "${PYTHON:-}" ]; then make venv; fi
 "$PY" -m pip install -q --no-deps --force-reinstall ./cinder-connector ./nova-plugin
 rm -rf cinder-connector/build nova-plugin/build ./*/*.egg-info
 # The installed packages are tested, not the source trees: run from the
 # repository root, where neither package directory is importable.
 "$PY" -c 'import nova.virt.vmthunder, vmthunder_brick' >/dev/null
 "$PY" -m pytest -q -p no:cacheprovider --rootdir "$PWD" --timeout 300 \
-    -W ignore::DeprecationWarning cinder-connector/tests nova-plugin/tests
+    -W ignore::DeprecationWarning cinder-connector/tests nova-plugin/tests tests/openstack
