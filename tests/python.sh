@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Python shims and the test control plane (tests/openstack): shims installed with pip (not editable: the Nova plugin puts a
-# package into nova's own nova/virt directory, which an editable install
-# cannot do), then tested with pytest against real os-brick, nova, tgtd,
-# libvirtd and the sidecar ($VMTHUNDER_BIN, else bin/vmthunder).
+# Python tests: the shims, installed with pip (not editable) and tested as
+# installed against real os-brick, nova, tgtd, libvirtd and the sidecar
+# ($VMTHUNDER_BIN, else bin/vmthunder); and the test control plane
+# (tests/openstack: real RabbitMQ, tgtd, Glance and Cinder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The venv `make venv` creates (OpenStack services, shims' dependencies, pytest).
