@@ -5,6 +5,7 @@
         cinder-volume under D and prints one JSON line (see Cloud.info);
     python -m tests.openstack.cinder down --workdir D [--keep]
         stops all of them and removes D (--keep leaves the logs).
+(or `python tests/openstack/cinder.py ...` from anywhere.)
 
 In Python: `with cloud() as info: ...` or the pytest fixture in conftest.py.
 Run as root from the repository root with the venv's python.
@@ -21,7 +22,10 @@ import sys
 import tempfile
 import uuid
 
-from tests.openstack import procs
+if not __package__:  # run as a script path, not with -m from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.openstack import procs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
