@@ -87,9 +87,9 @@ def pids_mentioning(needle):
     """Processes whose command line contains needle (the workdir): helpers
     that left the process group, e.g. privsep daemons."""
     found = []
-    me = os.getpid()
+    mine = _ancestors()  # the caller's own command line may name the workdir
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) in mine:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
@@ -99,6 +99,18 @@ def pids_mentioning(needle):
         if needle in cmd:
             found.append(int(entry))
     return found
+
+
+def _ancestors():
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+    return pids
 
 
 def stop_group(pid, timeout=15.0, sig=signal.SIGTERM):
