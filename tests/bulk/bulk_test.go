@@ -191,3 +191,28 @@ func TestWaveRogueCert(t *testing.T) {
 		t.Errorf("the cluster's nodes served %d bytes and got %d from peers; the rogue node served %d", served, got, r.Served)
 	}
 }
+
+// Real guests in the wave: three nodes boot the test guest through
+// libvirt/QEMU from their exports (the sockets cross from the nodes'
+// namespaces to QEMU in the host's) while the fourth replays, all with
+// peers; each guest reaches its console marker having read what it must.
+func TestWaveQEMUGuests(t *testing.T) {
+	l := lab(t)
+	w := wave(t, WaveOptions{Mode: Peers, N: testNodes, QEMU: 3, Kill: -1})
+	guests := 0
+	for _, n := range w.Nodes {
+		if n.Failed != 0 || n.Mismatched != 0 {
+			t.Errorf("node%d (%s): %d failed, %d wrong: %s", n.Node, n.Kind, n.Failed, n.Mismatched, n.FirstError)
+		}
+		if n.Kind != "qemu" {
+			continue
+		}
+		guests++
+		if n.Bytes != l.o.Image.BootReadBytes {
+			t.Errorf("node%d's guest read %d bytes of its files, want %d", n.Node, n.Bytes, l.o.Image.BootReadBytes)
+		}
+	}
+	if guests != 3 {
+		t.Fatalf("%d guests booted, want 3", guests)
+	}
+}
