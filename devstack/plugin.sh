@@ -257,7 +257,8 @@ function publish_vmthunder_templates {
     for name in "${names[@]}"; do
         id=$($os_admin image show -f value -c id "$name") ||
             die $LINENO "vmthunder: no image $name in Glance"
-        sudo "$VMTHUNDER_INSTALLED_BIN" publish --config "$VMTHUNDER_CONF" --image "$id" ||
+        sudo "$VMTHUNDER_INSTALLED_BIN" publish --config "$VMTHUNDER_CONF" --image "$id" \
+            ${VMTHUNDER_TEMPLATE_SIZE_GIB:+--size-gib "$VMTHUNDER_TEMPLATE_SIZE_GIB"} ||
             die $LINENO "vmthunder: publishing image $name ($id) as a template failed"
     done
 }

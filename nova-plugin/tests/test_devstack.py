@@ -537,6 +537,11 @@ def test_unstack_can_keep_the_exports(devstack):
     ds.env.update(VMTHUNDER_UNSTACK_REMOVE_EXPORTS="False", VMTHUNDER_TEMPLATE_IMAGES="")
     ds.run(STACK)
     assert not [c for c in ds.calls() if c.startswith("vmthunder publish")]
+    # Publishing a larger image asks for a larger volume.
+    ds.env.update(VMTHUNDER_TEMPLATE_IMAGES="cirros-0.6.3-x86_64-disk", VMTHUNDER_TEMPLATE_SIZE_GIB="4")
+    ds.run('source "$VMTHUNDER_DIR/devstack/settings"\nrun_phase stack extra\n')
+    conf_path = os.path.join(ds.env["VMTHUNDER_CONF_DIR"], "vmthunder.conf")
+    assert f"vmthunder publish --config {conf_path} --image {IMAGE_ID} --size-gib 4" in ds.calls()
     image = os.path.join(ds.work, "images", "disk.raw")
     with open(image, "wb") as f:
         f.write(b"\1" * 65536)
