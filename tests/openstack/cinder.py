@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -420,7 +421,8 @@ def down(workdir, keep=False):
     for name in order + [n for n in groups if n not in order]:
         pid = groups.get(name)
         if pid:
-            procs.stop_group(pid, timeout=5 if name == "tgtd" else 15)
+            # tgtd ignores SIGTERM; its targets live in memory only.
+            procs.stop_group(pid, sig=signal.SIGKILL if name == "tgtd" else signal.SIGTERM)
     procs.stop_pids(procs.pids_mentioning(workdir + "/"))
     if state.get("epmd_port"):
         Rabbit.stop_epmd(state["epmd_port"])
