@@ -146,54 +146,26 @@ func (d *Daemon) checkOrigin(p string) error {
 		p, resolved, listOrNone(d.cfg.AllowedOriginDirs), dir)
 }
 
-// checkCow checks a COW store path and returns it resolved.
+// checkCow checks a COW store path and returns what it names, however its
+// allowed_cow_dirs entry is named. The directories on the way are walked
+// without following symlinks and the store's files, if any, must be
+// root's (cowdir.go): its directory may be someone else's (Nova's
+// instances directory).
 func (d *Daemon) checkCow(p string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", api.BadRequest(api.CodeInvalid, "cow_path %q is not an absolute path", p)
 	}
-	c := filepath.Clean(p)
-	var dir string
-	for _, a := range d.cfg.AllowedCowDirs {
-		if under(c, filepath.Clean(a)) {
-			dir = filepath.Clean(a)
-			break
-		}
-	}
-	if dir == "" {
-		return "", forbidden("cow_path %s is not in allowed_cow_dirs (%s): choose a path there, or add its directory to allowed_cow_dirs in %s",
-			p, listOrNone(d.cfg.AllowedCowDirs), d.configName())
-	}
-	resolved, st, err := resolveTrusted(c, true)
-	var ue *untrustedError
-	switch {
-	case errors.As(err, &ue):
-		return "", forbidden("cow_path %s: %v; the daemon creates and writes it as root, so every directory on the way must be root's alone", p, ue)
-	case err != nil:
-		return "", api.BadRequest(api.CodeInvalid, "cow_path %s: %v", p, err)
-	}
-	ra, _, err := resolveTrusted(dir, true)
+	dir, ident, err := d.cowDirFD(p, false)
 	if err != nil {
-		return "", forbidden("cow_path %s: allowed_cow_dirs entry %s: %v", p, dir, err)
+		return "", err
 	}
-	// No symlink below the allowed directory: the part of the path below
-	// it must be the same before and after resolution.
-	if rel, rrel := mustRel(dir, c), mustRel(ra, resolved); !under(resolved, ra) || rel != rrel {
-		return "", forbidden("cow_path %s resolves to %s: the daemon follows no symlinks inside allowed_cow_dirs (%s)", p, resolved, listOrNone(d.cfg.AllowedCowDirs))
-	}
-	if st != nil && !st.Mode().IsRegular() {
-		return "", forbidden("cow_path %s exists and is not a regular file", p)
-	}
-	if bst, err := os.Lstat(resolved + ".bitmap"); err == nil && !bst.Mode().IsRegular() {
-		return "", forbidden("cow_path %s: %s.bitmap exists and is not a regular file", p, resolved)
-	}
-	// The store's directory gets new files (store, bitmap, temporary
-	// files): nobody else may write there, sticky or not.
-	if pst, err := os.Lstat(filepath.Dir(resolved)); err == nil {
-		if err := strictlyRoots(filepath.Dir(resolved), pst); err != nil {
-			return "", forbidden("cow_path %s: %v", p, err)
+	if dir != nil {
+		defer dir.Close()
+		if err := checkCowEntries(dir, p); err != nil {
+			return "", err
 		}
 	}
-	return resolved, nil
+	return ident, nil
 }
 
 // cowAllowed says whether the daemon may create or remove a COW store at

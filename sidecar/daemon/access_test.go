@@ -136,8 +136,13 @@ func TestAccessUntrustedDirectories(t *testing.T) {
 	for _, p := range []string{shared + "/a.raw", owned + "/a.raw"} {
 		_, err := e.c.Create(ctx(t), api.CreateRequest{ID: "x", Origin: p, Mode: api.ModeReadOnly})
 		wantForbidden(t, p, err, "directory "+filepath.Dir(p))
-		_, err = e.c.Create(ctx(t), api.CreateRequest{ID: "x", Origin: okImg, Mode: api.ModeCOW, CowPath: filepath.Dir(p) + "/vm.img"})
-		wantForbidden(t, p+" as cow dir", err, "directory "+filepath.Dir(p))
+	}
+	// A COW store may be in a directory another user owns (Nova's
+	// instances directory; cowdir.go), not in one everyone may write.
+	_, err := e.c.Create(ctx(t), api.CreateRequest{ID: "x", Origin: okImg, Mode: api.ModeCOW, CowPath: shared + "/vm.img"})
+	wantForbidden(t, "world-writable cow dir", err, "directory "+shared)
+	if _, err := e.c.Create(ctx(t), api.CreateRequest{ID: "x", Origin: okImg, Mode: api.ModeCOW, CowPath: owned + "/vm.img"}); err != nil {
+		t.Errorf("cow store in a directory nobody owns: %v", err)
 	}
 	// Sticky and root's (like /tmp, where e.dir is): fine for an entry
 	// root owns.
@@ -155,7 +160,7 @@ func TestAccessUntrustedDirectories(t *testing.T) {
 		t.Errorf("root's file in a sticky directory: %v", err)
 	}
 	os.Chown(filepath.Join(sticky, "a.raw"), 65534, 65534)
-	_, err := e.c.Create(ctx(t), api.CreateRequest{ID: "s2", Origin: sticky + "/a.raw", Mode: api.ModeReadOnly})
+	_, err = e.c.Create(ctx(t), api.CreateRequest{ID: "s2", Origin: sticky + "/a.raw", Mode: api.ModeReadOnly})
 	wantForbidden(t, "nobody's file in a sticky directory", err, "directory "+sticky)
 }
 

@@ -331,13 +331,29 @@ func (d *Daemon) open(e *export) error {
 	if err := d.checkAccess(r); err != nil { // access.go: allowed_* config keys
 		return err
 	}
+	opts := d.options(r)
+	var cowDir *os.File // cowdir.go: the store is reached through its directory's descriptor
 	if r.Mode == api.ModeCOW {
-		if err := os.MkdirAll(filepath.Dir(r.CowPath), 0o700); err != nil {
-			return fmt.Errorf("cow_path directory: %w", err)
+		var err error
+		if cowDir, err = d.prepareCow(r.CowPath); err != nil {
+			return err
 		}
+		defer cowDir.Close()
+		opts.CowPath = procPath(cowDir, filepath.Base(r.CowPath))
 	}
 	var ex *stack.Export
-	err := d.withTemplate(r, func() (err error) { ex, err = stack.Build(d.options(r)); return err })
+	err := d.withTemplate(r, func() (err error) {
+		o := d.options(r) // with the template's attachment
+		o.CowPath = opts.CowPath
+		ex, err = stack.Build(o)
+		return err
+	})
+	if err == nil && cowDir != nil {
+		if err = d.ownCowFiles(cowDir, r.CowPath); err != nil {
+			ex.Close()
+			d.mset.Forget(r.ID)
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -465,7 +481,7 @@ func (d *Daemon) Create(req *api.CreateRequest) (*api.Export, error) {
 	// A store this create made and no client was given goes with it.
 	dropStore := func() {
 		if newStore {
-			if err := stack.RemoveCOW(r.CowPath); err != nil {
+			if err := d.removeCow(r.CowPath, stack.RemoveCOW); err != nil {
 				log.WithError(err).Warn("removing the cow store of a failed create")
 			}
 			d.unmarkNewStore(r.ID)
@@ -588,7 +604,7 @@ func (d *Daemon) Delete(id string, deleteCOW bool) error {
 	// The store goes while the export still holds its cow_path, so a
 	// create with that path cannot open it in between.
 	if deleteCOW && e.rec.CowPath != "" {
-		if err := stack.RemoveCOW(e.rec.CowPath); err != nil {
+		if err := d.removeCow(e.rec.CowPath, stack.RemoveCOW); err != nil {
 			log.WithError(err).Warn("removing cow store")
 		}
 	}

@@ -57,7 +57,7 @@ func (d *Daemon) reconcile(recs []Record) {
 			raw, err := os.ReadFile(p)
 			store := string(raw)
 			if r, ok := owned[id]; err == nil && (!ok || r.CowPath != store) && filepath.IsAbs(store) && d.cowAllowed(store) {
-				if err := stack.RemoveCOW(store); err != nil {
+				if err := d.removeCow(store, stack.RemoveCOW); err != nil {
 					d.log.WithError(err).WithFields(map[string]any{"export": id, "cow_path": store}).Warn("could not remove the cow store of an unfinished create")
 				} else {
 					d.log.WithFields(map[string]any{"export": id, "cow_path": store}).Warn("removed the cow store of a create that did not finish (no client was given it)")

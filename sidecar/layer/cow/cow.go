@@ -157,7 +157,7 @@ func openLocked(path, bmPath string, f *os.File, base blockdev.Device, size, cl 
 // is adopted only if it holds no data, so a file that is not ours is
 // never overwritten.
 func create(path, bmPath string, h pbitmap.Header) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("create cow store: %w", err)
 	}

@@ -103,7 +103,7 @@ func Create(path string, h Header) error {
 		return fmt.Errorf("%w: invalid header %+v", ErrFormat, h)
 	}
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return fmt.Errorf("create bitmap: %w", err)
 	}
@@ -132,7 +132,7 @@ func Create(path string, h Header) error {
 
 // ReadHeader returns the header of the bitmap file at path.
 func ReadHeader(path string) (Header, error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return Header{}, err
 	}
@@ -162,7 +162,7 @@ func readHeader(f *os.File, path string) (Header, error) {
 // Open loads the bitmap file at path. syncData makes the data file durable;
 // Sync calls it before writing bits.
 func Open(path string, syncData func() error) (*Bitmap, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open bitmap: %w", err)
 	}
