@@ -241,8 +241,8 @@ func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) 
 		if err != nil {
 			return err
 		}
-		size := int64(v.Size) << 30
-		sum, err := p.readBack(ctx, v.ID, size)
+		// The content is the whole LUN, as every export of it shows it.
+		sum, size, err := p.readBack(ctx, v.ID, -1)
 		if err != nil {
 			return err
 		}
@@ -345,7 +345,7 @@ func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int6
 	if err != nil {
 		return "", "", fmt.Errorf("volume %s: %w", id, err)
 	}
-	rsum, err := p.readBack(ctx, id, size)
+	rsum, _, err := p.readBack(ctx, id, size)
 	if err != nil {
 		return "", "", err
 	}
@@ -355,21 +355,24 @@ func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int6
 	return rsum, hex.EncodeToString(md.Sum(nil)), nil
 }
 
-// readBack is the sha256 generation of volume id's first size bytes, read
-// through a read-only attachment.
-func (p *publisher) readBack(ctx context.Context, id string, size int64) (string, error) {
+// readBack is the sha256 generation of volume id's first size bytes (-1:
+// the whole LUN), read through a read-only attachment, and that size.
+func (p *publisher) readBack(ctx context.Context, id string, size int64) (string, int64, error) {
 	dev, done, err := p.attached(ctx, id, openstack.ModeRO)
 	if err != nil {
-		return "", err
+		return "", 0, err
+	}
+	if size < 0 {
+		size = dev.Size()
 	}
 	sum, err := hashDevice(ctx, dev, size, sha256.New())
 	if derr := done(); err == nil && derr != nil {
 		err = derr
 	}
 	if err != nil {
-		return "", fmt.Errorf("reading volume %s back: %w", id, err)
+		return "", 0, fmt.Errorf("reading volume %s back: %w", id, err)
 	}
-	return sum, nil
+	return sum, size, nil
 }
 
 func hashDevice(ctx context.Context, dev *iscsi.Dev, size int64, h hash.Hash) (string, error) {

@@ -3,11 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +32,7 @@ type cinderCloud struct {
 	ProjectID          string `json:"project_id"`
 	TemplateVolumeType string `json:"template_volume_type"`
 	Workdir            string `json:"workdir"`
+	GlanceEndpoint     string `json:"glance_endpoint"`
 }
 
 // startCinder starts the harness (about 10 s) and stops it when the test
@@ -341,3 +346,103 @@ func qemuIOWrite(t *testing.T, uri, cmd string) {
 		t.Fatalf("qemu-io %s: %v: %s", cmd, err, b)
 	}
 }
+
+// uploadImage stores data as a raw image in the harness's Glance (no
+// auth) and returns its id.
+func uploadImage(t *testing.T, glance string, data []byte) string {
+	t.Helper()
+	body := `{"name": "vmt-e2e", "disk_format": "raw", "container_format": "bare", "visibility": "public"}`
+	resp, err := http.Post(glance+"/v2/images", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var img struct {
+		ID string `json:"id"`
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 201 || json.Unmarshal(b, &img) != nil || img.ID == "" {
+		t.Fatalf("glance image create: %s %s", resp.Status, b)
+	}
+	req, _ := http.NewRequest("PUT", glance+"/v2/images/"+img.ID+"/file", bytes.NewReader(data))
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 204 {
+		t.Fatalf("glance image upload: %s", resp.Status)
+	}
+	return img.ID
+}
+
+// publish --image: Cinder makes the volume from a Glance image; the
+// generation is the sha256 of the whole volume read back, the checksum
+// Glance's, and an export of it reads the image.
+func TestPublishFromGlanceImage(t *testing.T) {
+	cl := startCinder(t)
+	if cl.GlanceEndpoint == "" {
+		t.Fatal("the Cinder harness started no Glance")
+	}
+	host := fmt.Sprintf("vmt-e2e-img-%d", os.Getpid())
+	node := tmplNode(t, cl, host)
+	data := make([]byte, 3<<20)
+	if _, err := io.ReadFull(randReader{}, data); err != nil {
+		t.Fatal(err)
+	}
+	image := uploadImage(t, cl.GlanceEndpoint, data)
+	start := time.Now()
+	out, errOut, code := node.cli("publish", "--config", node.conf, "--image", image, "--json")
+	if code != 0 {
+		t.Fatalf("publish --image: exit %d: %s", code, errOut)
+	}
+	took := time.Since(start)
+	var pub api.Template
+	if err := json.Unmarshal([]byte(out), &pub); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	// The content is the whole LUN: the image, then zeroes up to the
+	// volume's size (at most 1 GiB).
+	if pub.Size < int64(len(data)) || pub.Size > 1<<30 {
+		t.Fatalf("published %+v: size outside [%d, 1 GiB]", pub, len(data))
+	}
+	h := sha256.New()
+	h.Write(data)
+	io.CopyN(h, zeroReader{}, pub.Size-int64(len(data)))
+	want := "sha256:" + hex.EncodeToString(h.Sum(nil))
+	if pub.Generation != want || pub.ImageID != image || pub.Name != "vmthunder-template-"+image {
+		t.Fatalf("published %+v, want generation %s", pub, want)
+	}
+	t.Logf("publish --image (%d bytes) took %v (create from image, read back)", pub.Size, took.Round(time.Millisecond))
+	cc := cinderClient(t, node.conf)
+	v, err := cc.Volume(context.Background(), pub.VolumeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := md5.Sum(data)
+	if v.Metadata["vmthunder_image_checksum"] != hex.EncodeToString(sum[:]) || v.Metadata["vmthunder_template"] != "1" {
+		t.Errorf("metadata %v, want Glance's checksum %x", v.Metadata, sum)
+	}
+	x, err := client.New(node.api).Create(context.Background(), apiCreate("img-vm", pub.VolumeID, api.ModeReadOnly))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readPrefix(t, x.Socket, x.ID, len(data)); !bytes.Equal(got, data) {
+		t.Fatal("the export does not read the Glance image")
+	}
+	if err := client.New(node.api).Delete(context.Background(), "img-vm", false); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(hostAttachments(t, cc, pub.VolumeID)); n != 0 {
+		t.Errorf("%d attachments left", n)
+	}
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+type randReader struct{}
+
+func (randReader) Read(p []byte) (int, error) { return rand.Read(p) }
