@@ -34,7 +34,7 @@ $(VENV)/.installed: requirements-test.txt requirements-lock.txt
 # After changing requirements-test.txt: resolve again and pin the result.
 venv-lock: venv
 	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements-test.txt
-	{ sed -n '/^#/p' requirements-lock.txt; $(PYTHON) -m pip freeze | grep -vi '^vmthunder'; } > requirements-lock.txt.new
+	{ sed -n '/^#/p' requirements-lock.txt; $(PYTHON) -m pip freeze --all | grep -vi '^vmthunder'; } > requirements-lock.txt.new
 	mv requirements-lock.txt.new requirements-lock.txt
 	touch $(VENV)/.installed
 

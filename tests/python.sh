@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # The venv `make venv` creates (OpenStack services, shims' dependencies, pytest).
 PY=${PYTHON:-.venv/bin/python}
 if [ ! -x "$PY" ] && [ -z "${PYTHON:-}" ]; then make venv; fi
-"$PY" -m pip install -q --no-deps --force-reinstall ./cinder-connector ./nova-plugin
+"$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall ./cinder-connector ./nova-plugin
 rm -rf cinder-connector/build nova-plugin/build ./*/*.egg-info
 # The installed packages are tested, not the source trees: run from the
 # repository root, where neither package directory is importable.
