@@ -111,7 +111,10 @@ func (d *Daemon) startPeers() error {
 		return err
 	}
 	p.ml, err = peers.JoinCluster(peers.MembershipOptions{Name: id.Name, Bind: pc.Bind, Advertise: pc.Advertise, Join: pc.Join,
-		SecretKey: key, ChunkAddr: pc.ChunkAddr(port), LogOutput: d.log.WithField("component", "memberlist").WriterLevel(logrus.DebugLevel), Tune: peerTune})
+		SecretKey: key, ChunkAddr: pc.ChunkAddr(port), LogOutput: d.log.WithField("component", "memberlist").WriterLevel(logrus.DebugLevel), Tune: peerTune,
+		OnState: func(m peers.Member, from string) {
+			d.log.WithFields(logrus.Fields{"member": m.Name, "state": m.State, "was": from, "gossip": m.Gossip, "bases": m.Bases}).Info("peers: member state")
+		}})
 	if err != nil {
 		ln.Close()
 		p.cl.Close()

@@ -29,11 +29,15 @@ import (
 // given, adjusts each node's config further.
 func peerEnvs(t *testing.T, n int, content []byte, more ...func(*config.Config)) ([]*env, string) {
 	t.Helper()
+	// Quick gossip, so joins and bases are seen at once; failure detection
+	// no quicker than a busy 2-core machine allows: an ack late by 80 ms
+	// under a wave's load made memberlist declare a live node dead (and
+	// its chunks' homes move) within 300 ms.
 	peerTune = func(c *memberlist.Config) {
 		c.GossipInterval = 30 * time.Millisecond
-		c.ProbeInterval = 150 * time.Millisecond
-		c.ProbeTimeout = 80 * time.Millisecond
-		c.SuspicionMult = 2
+		c.ProbeInterval = 500 * time.Millisecond
+		c.ProbeTimeout = 400 * time.Millisecond
+		c.SuspicionMult = 6
 		c.TCPTimeout = 500 * time.Millisecond
 		c.PushPullInterval = time.Second
 	}

@@ -40,6 +40,11 @@ type MembershipOptions struct {
 	// ForgetAfter is how long a member that died or left is still listed
 	// (default 5 minutes); then it is forgotten, with its counters.
 	ForgetAfter time.Duration
+	// OnState, when set, is told of every member that enters a state (from
+	// is "" for one not known before), in order. It runs under the
+	// membership's and maybe memberlist's lock: it must be quick (a log
+	// line) and call neither.
+	OnState func(m Member, from string)
 }
 
 // Member states (memberstate.go): alive; suspect (this node's memberlist
@@ -91,6 +96,7 @@ type Membership struct {
 	onChange  []func()
 
 	forgetAfter time.Duration
+	onState     func(Member, string)
 	stop        chan struct{}
 	stopOnce    sync.Once
 }
@@ -111,7 +117,7 @@ func JoinCluster(o MembershipOptions) (*Membership, error) {
 	if _, _, err := net.SplitHostPort(o.ChunkAddr); err != nil {
 		return nil, fmt.Errorf("peers membership: chunk server address %q: %w", o.ChunkAddr, err)
 	}
-	m := &Membership{self: o.Name, chunkAddr: o.ChunkAddr, view: map[string]Member{}, forgetAfter: o.ForgetAfter, stop: make(chan struct{})}
+	m := &Membership{self: o.Name, chunkAddr: o.ChunkAddr, view: map[string]Member{}, forgetAfter: o.ForgetAfter, onState: o.OnState, stop: make(chan struct{})}
 	if m.forgetAfter <= 0 {
 		m.forgetAfter = 5 * time.Minute
 	}
@@ -371,13 +377,25 @@ func (e *eventDelegate) set(n *memberlist.Node) {
 		mb.ChunkAddr, mb.Bases, mb.leaving = addr, ids, leaving
 	}
 	e.mu.Lock()
-	if old, ok := e.view[n.Name]; ok && old.State == mb.State {
+	old, ok := e.view[n.Name]
+	if ok && old.State == mb.State {
 		mb.Since = old.Since // new metadata, same state
 	}
 	e.view[n.Name] = mb
+	if old.State != mb.State {
+		e.stateChanged(mb, old.State)
+	}
 	fs := slices.Clone(e.onChange)
 	e.mu.Unlock()
 	e.notify(fs)
+}
+
+// stateChanged tells OnState, with e.mu held (so in order).
+func (e *eventDelegate) stateChanged(mb Member, from string) {
+	if e.onState != nil {
+		mb.Self = mb.Name == e.self
+		e.onState(mb, from)
+	}
 }
 
 func (e *eventDelegate) notify(fs []func()) {
@@ -399,11 +417,13 @@ func (e *eventDelegate) NotifyLeave(n *memberlist.Node) {
 	if !ok {
 		mb = Member{Name: n.Name, Gossip: n.Address()}
 	}
+	from := mb.State
 	mb.State, mb.Since = StateDead, time.Now()
 	if _, _, leaving, err := decodeMeta(n.Meta); (err == nil && leaving) || mb.leaving {
 		mb.State = StateLeft
 	}
 	e.view[n.Name] = mb
+	e.stateChanged(mb, from)
 	fs := slices.Clone(e.onChange)
 	e.mu.Unlock()
 	e.notify(fs)

@@ -69,6 +69,7 @@ func (m *Membership) setLive(name, from, to string, now time.Time) {
 	}
 	mb.State, mb.Since = to, now
 	m.view[name] = mb
+	(*eventDelegate)(m).stateChanged(mb, from)
 	fs := slices.Clone(m.onChange)
 	m.mu.Unlock()
 	(*eventDelegate)(m).notify(fs)

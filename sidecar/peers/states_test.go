@@ -3,6 +3,7 @@ package peers
 import (
 	"bytes"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,9 +31,19 @@ func TestMembershipStates(t *testing.T) {
 		fastGossip(c)
 		c.SuspicionMult = 6 // suspect for about a second: long enough to be seen
 	}
+	var mu sync.Mutex
+	seenByA := map[string][]string{} // member -> "from>to" as a's OnState told
 	start := func(name, bind string, join []string) *Membership {
-		m, err := JoinCluster(MembershipOptions{Name: name, Bind: bind, Join: join, ChunkAddr: "127.0.0.1:1",
-			Tune: tune, ForgetAfter: 1500 * time.Millisecond})
+		o := MembershipOptions{Name: name, Bind: bind, Join: join, ChunkAddr: "127.0.0.1:1",
+			Tune: tune, ForgetAfter: 1500 * time.Millisecond}
+		if name == "s-a" {
+			o.OnState = func(m Member, from string) {
+				mu.Lock()
+				seenByA[m.Name] = append(seenByA[m.Name], from+">"+m.State)
+				mu.Unlock()
+			}
+		}
+		m, err := JoinCluster(o)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,6 +121,20 @@ func TestMembershipStates(t *testing.T) {
 	waitFor(t, "c forgotten", 5*time.Second, func() bool { return !a.Knows("s-c") })
 	if !a.Knows("s-b") || !a.Knows("s-a") {
 		t.Fatal("a live member was forgotten")
+	}
+
+	// OnState told every change, in order.
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("a's OnState: %v", seenByA)
+	if got := seenByA["s-c"]; !slices.Equal(got, []string{">alive", "alive>left"}) {
+		t.Errorf("c: %v", got)
+	}
+	if got := seenByA["s-b"]; len(got) < 4 || !slices.Equal(got[:4], []string{">alive", "alive>suspect", "suspect>dead", "dead>alive"}) {
+		t.Errorf("b: %v", got)
+	}
+	if got := seenByA["s-a"]; !slices.Equal(got, []string{">alive"}) {
+		t.Errorf("a itself: %v", got)
 	}
 }
 
