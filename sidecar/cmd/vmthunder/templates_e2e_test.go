@@ -161,8 +161,7 @@ func readPrefix(t *testing.T, socket, export string, n int) []byte {
 // data read is the file's, a daemon restart re-attaches, the last export
 // going deletes the attachment in Cinder, an attachment a crash left is
 // deleted at start, and a volume that is not a template is refused.
-func TestTemplateVolumesThroughCinder(t *testing.T) {
-	cl := startCinder(t)
+func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 	host := fmt.Sprintf("vmt-e2e-%d", os.Getpid())
 	node := tmplNode(t, cl, host)
 	cc := cinderClient(t, node.conf)
@@ -380,8 +379,7 @@ func uploadImage(t *testing.T, glance string, data []byte) string {
 // publish --image: Cinder makes the volume from a Glance image; the
 // generation is the sha256 of the whole volume read back, the checksum
 // Glance's, and an export of it reads the image.
-func TestPublishFromGlanceImage(t *testing.T) {
-	cl := startCinder(t)
+func testPublishFromImage(t *testing.T, cl *cinderCloud) {
 	if cl.GlanceEndpoint == "" {
 		t.Fatal("the Cinder harness started no Glance")
 	}
@@ -446,3 +444,11 @@ func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 type randReader struct{}
 
 func (randReader) Read(p []byte) (int, error) { return rand.Read(p) }
+
+// TestTemplatesThroughOpenStack runs the template tests against one real
+// Cinder 29 + Glance 33 (tests/openstack), started once for them.
+func TestTemplatesThroughOpenStack(t *testing.T) {
+	cl := startCinder(t)
+	t.Run("file", func(t *testing.T) { testTemplateVolumes(t, cl) })
+	t.Run("image", func(t *testing.T) { testPublishFromImage(t, cl) })
+}
