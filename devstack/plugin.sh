@@ -234,6 +234,14 @@ function start_vmthunder {
 
 # --- extra ---------------------------------------------------------------
 
+# _vmthunder_publish_image publishes Glance image $1 as a template: Cinder
+# makes the volume from the image, the sidecar's publish reads it back for
+# its generation and tags it (docs/api.md, "Templates").
+function _vmthunder_publish_image {
+    sudo "$VMTHUNDER_INSTALLED_BIN" publish --config "$VMTHUNDER_CONF" --image "$1" \
+        ${VMTHUNDER_TEMPLATE_SIZE_GIB:+--size-gib "$VMTHUNDER_TEMPLATE_SIZE_GIB"}
+}
+
 # publish_vmthunder_templates makes the multiattach template volume type
 # and publishes VMTHUNDER_TEMPLATE_IMAGES (devstack's image by default) as
 # templates; Cinder and Glance run from here on.
@@ -257,8 +265,7 @@ function publish_vmthunder_templates {
     for name in "${names[@]}"; do
         id=$($os_admin image show -f value -c id "$name") ||
             die $LINENO "vmthunder: no image $name in Glance"
-        sudo "$VMTHUNDER_INSTALLED_BIN" publish --config "$VMTHUNDER_CONF" --image "$id" \
-            ${VMTHUNDER_TEMPLATE_SIZE_GIB:+--size-gib "$VMTHUNDER_TEMPLATE_SIZE_GIB"} ||
+        _vmthunder_publish_image "$id" ||
             die $LINENO "vmthunder: publishing image $name ($id) as a template failed"
     done
 }

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import urllib.request
 
 import pytest
 
@@ -260,6 +261,9 @@ upload_image "$DEFAULT_IMAGE_NAME"                     # stack.sh:1374
 merge_config_group "$TOP_DIR/local.conf" extra         # stack.sh:1417
 run_phase stack extra                                  # stack.sh:1424
 """
+SETTINGS = 'source "$VMTHUNDER_DIR/devstack/settings"\n'
+# The plugin's functions without running a phase.
+PLUGIN_FUNCTIONS = SETTINGS + 'source "$VMTHUNDER_DIR/devstack/plugin.sh" none\n'
 UNSTACK = r"""
 source "$VMTHUNDER_DIR/devstack/settings"
 run_phase unstack                                      # unstack.sh:103
@@ -554,9 +558,7 @@ def test_unstack_can_keep_the_exports(devstack):
 
 def groups_script(api_group, nbd_group=""):
     return (
-        'source "$VMTHUNDER_DIR/devstack/settings"\n'
-        'source "$VMTHUNDER_DIR/devstack/plugin.sh" none\n'
-        f"VMTHUNDER_API_GROUP={api_group} VMTHUNDER_NBD_GROUP={nbd_group}\n"
+        PLUGIN_FUNCTIONS + f"VMTHUNDER_API_GROUP={api_group} VMTHUNDER_NBD_GROUP={nbd_group}\n"
         "_vmthunder_groups\n"
     )
 
@@ -731,3 +733,87 @@ def test_oslo_config_generator_lists_the_vmthunder_options():
     assert {"enabled", "api_socket", "reconnect_delay", "io_error_policy"} <= registered
     assert listed == registered | {"create_wait", "create_timeout", "cleanup_wait", "retry_interval"}
     assert "[vmthunder]" in out and "#api_socket = /run/vmthunder/api.sock" in out
+
+
+# --- against a real Cinder and Glance ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    """The test control plane (tests/openstack): real RabbitMQ, tgtd, Glance
+    and Cinder with auth_strategy = noauth."""
+    sys.path.insert(0, REPO)
+    from tests.openstack import cinder
+
+    with cinder.cloud() as info:
+        yield info
+
+
+def upload_image(glance, data):
+    from tests.openstack import procs
+
+    status, image = procs.http(
+        "POST",
+        f"{glance}/v2/images",
+        {"name": "ds-image", "disk_format": "raw", "container_format": "bare", "visibility": "public"},
+    )
+    assert status == 201, image
+    req = urllib.request.Request(
+        f"{glance}/v2/images/{image['id']}/file",
+        data=data,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 204
+    return image["id"]
+
+
+def attachments(cloud, volume_id):
+    from tests.openstack import procs
+
+    headers = {"X-Auth-Token": cloud["token"], "OpenStack-API-Version": f"volume {cloud['api_version']}"}
+    status, out = procs.http("GET", f"{cloud['endpoint']}/attachments?volume_id={volume_id}", None, headers)
+    assert status == 200, out
+    return out["attachments"]
+
+
+def test_noauth_devstack_publishes_into_a_real_cinder_and_unstack_detaches(devstack, cloud):
+    """Without Keystone the plugin's [cinder] is noauth with the given
+    endpoint: the sidecar it starts lists templates from the real Cinder,
+    the plugin's publish step makes one from a real Glance image, an export
+    of it holds one Cinder attachment, and unstack deletes that attachment."""
+    ds = devstack
+    ds.env.update(
+        ENABLED_SERVICES="glance,g-api,cinder,c-api,c-vol,nova,n-cpu",
+        VMTHUNDER_CINDER_ENDPOINT=cloud["endpoint"],
+        VMTHUNDER_TEMPLATE_VOLUME_TYPE=cloud["template_volume_type"],
+    )
+    data = os.urandom(3 << 20)
+    image_id = upload_image(cloud["glance_endpoint"], data)
+    ds.run(
+        'source "$VMTHUNDER_DIR/devstack/settings"\nrun_phase stack install\nrun_phase stack post-config\n'
+    )
+    client = SidecarClient(os.path.join(ds.run_dir, "api.sock"))
+    assert client.templates(image_id=image_id) == []
+
+    # The plugin's publish step, for real (no stand-in for Cinder or Glance).
+    real = 'sudo() { "$@"; }\n'
+    ds.run(real + PLUGIN_FUNCTIONS + f"_vmthunder_publish_image {image_id}\n", timeout=300)
+    (tmpl,) = client.templates(image_id=image_id)
+    # The generation covers the LUN as exports show it: the image, then
+    # zeros to the LUN's end (a file-backed volume may end with the image).
+    assert tmpl["size"] >= len(data)
+    digest = hashlib.sha256(data)
+    for _ in range((tmpl["size"] - len(data)) >> 20):
+        digest.update(bytes(1 << 20))
+    digest.update(bytes((tmpl["size"] - len(data)) & ((1 << 20) - 1)))
+    assert tmpl["generation"] == "sha256:" + digest.hexdigest()
+
+    client.create_export({"id": "ds-vm1", "template_volume": tmpl["volume_id"], "mode": "readonly"})
+    (att,) = attachments(cloud, tmpl["volume_id"])
+    assert att["status"] in ("attached", "attaching", "reserved"), att
+
+    ds.run(UNSTACK)
+    assert attachments(cloud, tmpl["volume_id"]) == []
+    ds.run(CLEAN)
