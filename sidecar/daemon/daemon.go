@@ -321,6 +321,7 @@ func (d *Daemon) options(r Record) stack.Options {
 	if r.TemplateVolume != "" { // templates.go: the origin is this node's attachment
 		o.Origin = origin.Spec{ConnectionInfo: d.templateConnInfo(r.TemplateVolume)}
 		o.OpenOrigin = d.templateOrigin(r.TemplateVolume)
+		o.ChunkSize = r.ChunkSize
 	}
 	return o
 }

@@ -27,8 +27,11 @@ type Record struct {
 	// TemplateVolume: the export is over this Cinder template volume
 	// (templates.go); Base and Generation are its, and the origin is this
 	// node's attachment of it, made again after a restart.
-	TemplateVolume string    `json:"template_volume,omitempty"`
-	Created        time.Time `json:"created"`
+	TemplateVolume string `json:"template_volume,omitempty"`
+	// ChunkSize is the template's (its metadata's): every node's cache of
+	// it has the same chunks, as peers' manifests need. 0: the default.
+	ChunkSize int64     `json:"chunk_size,omitempty"`
+	Created   time.Time `json:"created"`
 }
 
 type stateFile struct {

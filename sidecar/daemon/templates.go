@@ -118,7 +118,7 @@ func (d *Daemon) resolveTemplate(r *Record) error {
 		return api.Errorf(http.StatusConflict, api.CodeConflict, "template volume %s is %s (want available or in-use)", r.TemplateVolume, t.Status)
 	}
 	r.TemplateVolume = t.VolumeID
-	r.Base, r.Generation = api.TemplateBase(t.VolumeID), t.Generation
+	r.Base, r.Generation, r.ChunkSize = api.TemplateBase(t.VolumeID), t.Generation, t.ChunkSize
 	return nil
 }
 
