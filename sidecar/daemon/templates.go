@@ -174,7 +174,9 @@ func (d *Daemon) releaseTemplate(vol string) {
 	att := a.att
 	a.att = nil
 	log := d.log.WithFields(logrus.Fields{"template_volume": vol, "attachment": att.ID})
-	ctx, cancel := context.WithTimeout(context.Background(), cinderTimeout)
+	// Shorter than an attach: a daemon stopping should not hang on a Cinder
+	// that does not answer (the next start deletes what is left).
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := d.cinder(ctx)
 	if err == nil {

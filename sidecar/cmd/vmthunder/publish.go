@@ -91,8 +91,7 @@ func (p *progress) set(done int64) {
 
 func (p *progress) finish() {
 	if p.bar != nil {
-		p.bar.Finish()
-		fmt.Fprintln(os.Stderr)
+		p.bar.Finish() // ends its line itself
 		return
 	}
 	fmt.Fprintf(os.Stderr, "%s: %d/%d bytes (100%%)\n", p.what, p.total, p.total)
