@@ -313,6 +313,11 @@ func (c *Config) Validate() error {
 	if err := c.Peers.validate(); err != nil {
 		return err
 	}
+	if c.Cinder != nil {
+		if key, why := c.Cinder.Validate(); key != "" {
+			return fmt.Errorf("config: [cinder] %s: %s", key, why)
+		}
+	}
 	for k, l := range map[string][]string{"allowed_origin_dirs": c.AllowedOriginDirs, "allowed_origin_devices": c.AllowedOriginDevices, "allowed_cow_dirs": c.AllowedCowDirs} {
 		for _, v := range l {
 			if !filepath.IsAbs(v) {
