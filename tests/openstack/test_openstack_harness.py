@@ -260,3 +260,37 @@ def test_cloud_context_manager_cleans_up_after_a_failed_start(monkeypatch):
     assert procs.pids_mentioning(workdir + "/") == []
     cinder.down(workdir)
     assert not os.path.exists(workdir)
+
+
+def test_snapshots_and_clones_carry_the_bytes(api, openstack, tmp_path):
+    vol = api.create_volume()
+    att = api.attach(vol["id"])
+    data = os.urandom(MiB)
+    src = tmp_path / "data"
+    src.write_bytes(data)
+    Lun(att["connection_info"], tmp_path).write(MiB, src)
+    api("DELETE", f"/attachments/{att['id']}", want=200)
+    api.wait_volume(vol["id"])
+
+    snap = api("POST", "/snapshots", {"snapshot": {"volume_id": vol["id"]}}, want=202)["snapshot"]
+    deadline = time.monotonic() + 60
+    while api("GET", f"/snapshots/{snap['id']}", want=200)["snapshot"]["status"] != "available":
+        assert time.monotonic() < deadline, "snapshot not available"
+        time.sleep(0.3)
+    from_snap = api.create_volume(snapshot_id=snap["id"], size=2)
+    clone = api.create_volume(source_volid=vol["id"])
+    for v, size in ((from_snap, 2), (clone, 1)):
+        assert v["size"] == size
+        a = api.attach(v["id"])
+        assert Lun(a["connection_info"], tmp_path).read(MiB, MiB, tmp_path) == data
+        api("DELETE", f"/attachments/{a['id']}", want=200)
+        api.wait_volume(v["id"])
+        api.delete_volume(v["id"])
+    api("DELETE", f"/snapshots/{snap['id']}", want=202)
+    deadline = time.monotonic() + 60
+    while procs.http("GET", f"{openstack['endpoint']}/snapshots/{snap['id']}", None, api.headers)[0] != 404:
+        assert time.monotonic() < deadline, "snapshot not deleted"
+        time.sleep(0.3)
+    api.delete_volume(vol["id"])
+    left = os.listdir(os.path.join(openstack["workdir"], "cinder", "volumes"))
+    assert not [n for n in left if vol["id"] in n or snap["id"] in n], left
