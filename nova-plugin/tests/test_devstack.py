@@ -171,16 +171,16 @@ openstack() {
 iniset() {
     [[ "$1" == -sudo ]] && shift
     log iniset "$@"
-    python3 "$WORK/ini.py" set "$@"
+    "$MODEL_PYTHON" "$WORK/ini.py" set "$@"
 }
-iniget() { python3 "$WORK/ini.py" get "$@"; }
+iniget() { "$MODEL_PYTHON" "$WORK/ini.py" get "$@"; }
 inidelete() {
     [[ "$1" == -sudo ]] && shift
-    python3 "$WORK/ini.py" delete "$@"
+    "$MODEL_PYTHON" "$WORK/ini.py" delete "$@"
 }
 # [inc/meta-config]
-merge_config_file() { python3 "$WORK/ini.py" merge-file "$1" "$2" "$3" "$(eval echo "$3")"; }
-merge_config_group() { python3 "$WORK/ini.py" merge-group "$1" "$2"; }
+merge_config_file() { "$MODEL_PYTHON" "$WORK/ini.py" merge-file "$1" "$2" "$3" "$(eval echo "$3")"; }
+merge_config_group() { "$MODEL_PYTHON" "$WORK/ini.py" merge-group "$1" "$2"; }
 # [inc/async]
 async_runfunc() {
     "$1" &
@@ -324,6 +324,7 @@ class Devstack:
             FIXED_KEY="bae3516c",
             SERVICE_TIMEOUT="20",
             MODEL_IMAGE_ID=IMAGE_ID,
+            MODEL_PYTHON=sys.executable,
             MODEL_STARTS="vmthunder",
             VMTHUNDER_DIR=REPO,
             VMTHUNDER_CONF_DIR=os.path.join(work, "etc/vmthunder"),
