@@ -127,11 +127,26 @@ function _vmthunder_groups {
     sudo usermod -a -G "$VMTHUNDER_API_GROUP" "$STACK_USER"
 }
 
+# _vmthunder_cinder_auth prints how the sidecar authenticates to Cinder:
+# VMTHUNDER_CINDER_AUTH_STRATEGY, else keystone where devstack runs
+# Keystone and noauth where it does not. (A compute-only node of a
+# multinode devstack sets keystone: Keystone runs on the controller, whose
+# plugin made the user.)
+function _vmthunder_cinder_auth {
+    if [[ -n "$VMTHUNDER_CINDER_AUTH_STRATEGY" ]]; then
+        echo "$VMTHUNDER_CINDER_AUTH_STRATEGY"
+    elif is_service_enabled keystone; then
+        echo keystone
+    else
+        echo noauth
+    fi
+}
+
 # _vmthunder_cinder_section prints [cinder]; it holds a password, so the
 # config file is root's, mode 0600.
 function _vmthunder_cinder_section {
     echo "[cinder]"
-    if is_service_enabled keystone; then
+    if [[ "$(_vmthunder_cinder_auth)" == keystone ]]; then
         cat <<EOF
 auth_strategy = keystone
 auth_url = $KEYSTONE_SERVICE_URI/v3
@@ -152,9 +167,14 @@ EOF
 }
 
 function _vmthunder_write_config {
-    if ! is_service_enabled keystone && [[ -z "$VMTHUNDER_CINDER_ENDPOINT" ]]; then
-        die $LINENO "vmthunder: without keystone, set VMTHUNDER_CINDER_ENDPOINT (Cinder's noauth endpoint ending in the project id)"
-    fi
+    case "$(_vmthunder_cinder_auth)" in
+        keystone) ;;
+        noauth)
+            [[ -n "$VMTHUNDER_CINDER_ENDPOINT" ]] ||
+                die $LINENO "vmthunder: without keystone, set VMTHUNDER_CINDER_ENDPOINT (Cinder's noauth endpoint ending in the project id)"
+            ;;
+        *) die $LINENO "vmthunder: VMTHUNDER_CINDER_AUTH_STRATEGY must be keystone or noauth" ;;
+    esac
     local tmp
     tmp=$(mktemp)
     cat >"$tmp" <<EOF

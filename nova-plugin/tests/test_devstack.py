@@ -818,3 +818,20 @@ def test_noauth_devstack_publishes_into_a_real_cinder_and_unstack_detaches(devst
     ds.run(UNSTACK)
     assert attachments(cloud, tmpl["volume_id"]) == []
     ds.run(CLEAN)
+
+
+def test_a_compute_only_node_uses_the_controllers_keystone(devstack):
+    """A multinode devstack's compute node runs no Keystone: with
+    VMTHUNDER_CINDER_AUTH_STRATEGY=keystone its sidecar authenticates there
+    as the user the controller's plugin made (and makes none itself)."""
+    ds = devstack
+    ds.env.update(ENABLED_SERVICES="nova,n-cpu", VMTHUNDER_CINDER_AUTH_STRATEGY="keystone")
+    ds.run(SETTINGS + "run_phase stack install\nrun_phase stack post-config\n")
+    conf = ds.ini(os.path.join(ds.env["VMTHUNDER_CONF_DIR"], "vmthunder.conf"))
+    assert conf["cinder"]["auth_strategy"] == "keystone"
+    assert conf["cinder"]["auth_url"] == ds.env["KEYSTONE_SERVICE_URI"] + "/v3"
+    assert conf["cinder"]["username"] == "vmthunder"
+    assert not [c for c in ds.calls() if c.startswith("create_service_user")]
+    ds.env["VMTHUNDER_CINDER_AUTH_STRATEGY"] = "token"
+    r = ds.run(SETTINGS + "run_phase stack post-config\n", check=False)
+    assert r.returncode != 0 and "must be keystone or noauth" in r.stderr
