@@ -26,10 +26,9 @@ def test_nova_loads_the_driver_by_its_short_name(nova_conf):
     import nova.virt.vmthunder
     from nova.virt.libvirt.driver import LibvirtDriver
 
-    # pip put the package inside the installed nova, not beside it.
-    assert os.path.dirname(os.path.dirname(nova.virt.vmthunder.__file__)) == os.path.dirname(
-        nova.virt.__file__
-    )
+    # Nothing of the plugin is inside nova's tree (an editable nova would
+    # miss it): the plugin's import finder answers the name.
+    assert not nova.virt.vmthunder.__file__.startswith(os.path.dirname(nova.virt.__file__) + os.sep)
 
     d = load_driver()
     assert isinstance(d, LibvirtDriver)
