@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -456,5 +455,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    socket.setdefaulttimeout(60)
     sys.exit(main())
