@@ -172,6 +172,11 @@ class TemplateRoot(imagebackend.Image):
         export = self._get_export()
         return export.get("size", 0) if export else 0
 
+    def get_model(self, connection):
+        # Nova's file injection opens the disk through this; the export is
+        # NBD served by the sidecar, not a file Nova may mount.
+        raise NotImplementedError("file injection into a VMThunder template root disk is not supported")
+
     def snapshot_extract(self, target, out_format):
         raise NotImplementedError("snapshots of VMThunder template root disks are not built")
 
