@@ -130,6 +130,21 @@ func cinderClient(t *testing.T, conf string) *openstack.Client {
 	return c
 }
 
+// deleteVolume removes a volume the test made when it ends (each
+// project has a volume quota).
+func deleteVolume(t *testing.T, c *openstack.Client, id string) {
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if _, err := c.WaitStatus(ctx, id, time.Minute, nil, "available", "error"); err != nil && !openstack.IsNotFound(err) {
+			t.Logf("volume %s: %v", id, err)
+		}
+		if err := c.DeleteVolume(ctx, id); err != nil && !openstack.IsNotFound(err) {
+			t.Errorf("deleting volume %s: %v", id, err)
+		}
+	})
+}
+
 // hostAttachments are the attachments host holds on volume id, per Cinder.
 func hostAttachments(t *testing.T, c *openstack.Client, id string) []string {
 	t.Helper()
@@ -185,6 +200,7 @@ func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 	if err := json.Unmarshal([]byte(out), &pub); err != nil {
 		t.Fatalf("publish --json: %v: %s", err, out)
 	}
+	deleteVolume(t, cc, pub.VolumeID)
 	if pub.Generation != gen || pub.Size != int64(size) || pub.ImageID != "img-"+host || pub.ChunkSize != 64<<10 {
 		t.Fatalf("published %+v, want generation %s size %d", pub, gen, size)
 	}
@@ -239,6 +255,27 @@ func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 			t.Fatalf("export %s does not read the published file", e.ID)
 		}
 	}
+	// One base, open with both exports; the second export's reads came
+	// from the node's cache, not from the target again.
+	bases, err := ac.Bases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, b := range bases {
+		if b.ID == exps[0].Base {
+			n++
+			if b.Exports != 2 || !b.InUse {
+				t.Errorf("base %+v, want in use by 2 exports", b)
+			}
+		}
+	}
+	if n != 1 {
+		t.Fatalf("bases %+v, want one %s", bases, exps[0].Base)
+	}
+	if x, err := ac.Get(ctx, "vm1"); err != nil || x.Stats == nil || x.Stats.OriginBytes > uint64(aligned)+64<<10 || x.Stats.CacheHitBytes == 0 {
+		t.Errorf("after both exports read the image: %v %+v, want origin bytes about one image (%d)", err, x.Stats, aligned)
+	}
 	// A guest's write stays in its own store.
 	qemuIOWrite(t, exps[0].URI, "write -P 0x5a 0 65536")
 	if got := readPrefix(t, exps[1].Socket, exps[1].ID, 65536); !bytes.Equal(got, data[:65536]) {
@@ -250,6 +287,7 @@ func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	deleteVolume(t, cc, plain.ID)
 	if _, err := cc.WaitStatus(ctx, plain.ID, 2*time.Minute, nil, "available"); err != nil {
 		t.Fatal(err)
 	}
@@ -400,6 +438,8 @@ func testPublishFromImage(t *testing.T, cl *cinderCloud) {
 	if err := json.Unmarshal([]byte(out), &pub); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
+	cc := cinderClient(t, node.conf)
+	deleteVolume(t, cc, pub.VolumeID)
 	// The content is the whole LUN: the image, then zeroes up to the
 	// volume's size (at most 1 GiB).
 	if pub.Size < int64(len(data)) || pub.Size > 1<<30 {
@@ -413,7 +453,6 @@ func testPublishFromImage(t *testing.T, cl *cinderCloud) {
 		t.Fatalf("published %+v, want generation %s", pub, want)
 	}
 	t.Logf("publish --image (%d bytes) took %v (create from image, read back)", pub.Size, took.Round(time.Millisecond))
-	cc := cinderClient(t, node.conf)
 	v, err := cc.Volume(context.Background(), pub.VolumeID)
 	if err != nil {
 		t.Fatal(err)
