@@ -209,9 +209,31 @@ func (d *Daemon) Peers() (*api.Peers, error) {
 	return d.API.Peers(ctx)
 }
 
+// CPUSeconds is the CPU time the daemon has used (user and system).
+func (d *Daemon) CPUSeconds() float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name (which may hold spaces): state is
+	// field 3, utime and stime fields 14 and 15, in clock ticks (100/s).
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	k, _ := strconv.ParseFloat(f[12], 64)
+	return (u + k) / 100
+}
+
 // Metric sums the samples of a Prometheus counter or gauge on the node
 // (GET /metrics on the API socket), whatever their labels.
-func (d *Daemon) Metric(name string) (float64, error) {
+func (d *Daemon) Metric(name string) (float64, error) { return d.MetricWhere(name, "") }
+
+// MetricWhere is Metric over the samples whose labels contain label
+// (e.g. `outcome="ok"`).
+func (d *Daemon) MetricWhere(name, label string) (float64, error) {
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", d.sock)
@@ -234,7 +256,7 @@ func (d *Daemon) Metric(name string) (float64, error) {
 			continue
 		}
 		rest := l[len(name):]
-		if rest == "" || (rest[0] != '{' && rest[0] != ' ') {
+		if rest == "" || (rest[0] != '{' && rest[0] != ' ') || !strings.Contains(rest, label) {
 			continue
 		}
 		f := strings.Fields(l)

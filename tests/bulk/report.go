@@ -25,7 +25,15 @@ type Summary struct {
 	Failed     int       `json:"failed_reads"`
 	Mismatched int       `json:"wrong_reads"`
 	FromPeers  uint64    `json:"from_peers_bytes"`
-	Wave       *Wave     `json:"wave"`
+	// DaemonCPU is the daemons' CPU seconds; HostBusy the machine's CPU
+	// use during the wave (all nodes share its cores).
+	DaemonCPU float64 `json:"daemon_cpu_s"`
+	HostBusy  float64 `json:"host_cpu_busy"`
+	// PeerFetchMS is the mean time of a successful chunk request to a
+	// peer; PeerTimeouts the requests that timed out.
+	PeerFetchMS  float64 `json:"peer_fetch_ok_mean_ms"`
+	PeerTimeouts float64 `json:"peer_fetch_timeouts"`
+	Wave         *Wave   `json:"wave"`
 }
 
 // Summarize reduces a wave; workingSet is the anchor of WorkingSets.
@@ -35,7 +43,13 @@ func Summarize(w *Wave, think float64, workingSet int64) *Summary {
 		s.WorkingSets = float64(w.OriginBytes) / float64(workingSet)
 	}
 	var boots []float64
+	var fetches, fetchMS float64
+	s.HostBusy = w.HostBusy
 	for _, n := range w.Nodes {
+		s.DaemonCPU += n.CPUSeconds
+		s.PeerTimeouts += n.FetchTimeouts
+		fetches += n.FetchOK
+		fetchMS += n.FetchOK * n.FetchOKMeanMS
 		s.Failed += n.Failed
 		s.Mismatched += n.Mismatched
 		s.FromPeers += n.FromPeers
@@ -44,6 +58,9 @@ func Summarize(w *Wave, think float64, workingSet int64) *Summary {
 			continue
 		}
 		boots = append(boots, n.BootMS/1000)
+	}
+	if fetches > 0 {
+		s.PeerFetchMS = fetchMS / fetches
 	}
 	s.P50, s.P99, s.Max = Percentile(boots, 50), Percentile(boots, 99), Percentile(boots, 100)
 	s.P50S, s.P99S, s.MaxS = s.P50, s.P99, s.Max

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -217,6 +218,12 @@ type NodeResult struct {
 	CorruptChunks uint64  `json:"corrupt_chunks"`
 	CorruptMetric float64 `json:"corrupt_metric"` // vmthunder_peer_corrupt_chunks_total
 	PeerErrors    float64 `json:"peer_errors"`    // vmthunder_peer_errors_total
+	// Chunk requests to peers: successful ones and their mean time,
+	// timed-out ones (vmthunder_peer_fetch_duration_seconds).
+	FetchOK       float64 `json:"peer_fetch_ok"`
+	FetchOKMeanMS float64 `json:"peer_fetch_ok_mean_ms"`
+	FetchTimeouts float64 `json:"peer_fetch_timeouts"`
+	CPUSeconds    float64 `json:"daemon_cpu_s"`
 }
 
 // Wave is what one wave showed.
@@ -229,8 +236,11 @@ type Wave struct {
 	OriginLinkBytes int64         `json:"origin_link_bytes"`
 	Wall            time.Duration `json:"-"`
 	WallMS          float64       `json:"wall_ms"`
-	Nodes           []NodeResult  `json:"node_results"`
-	Logs            []string      `json:"-"` // daemons' logs, by node
+	// HostBusy is the share of the machine's CPU time in use during the
+	// wave (every simulated node shares this machine's cores).
+	HostBusy float64      `json:"host_cpu_busy"`
+	Nodes    []NodeResult `json:"node_results"`
+	Logs     []string     `json:"-"` // daemons' logs, by node
 }
 
 // Run runs one wave on nodes 0..N-1 with fresh daemons (empty caches)
@@ -354,6 +364,7 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 		}
 	}
 
+	cpu0 := hostCPU()
 	t0 := time.Now()
 	var wg sync.WaitGroup
 	var errMu sync.Mutex
@@ -397,6 +408,7 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 	}
 	wg.Wait()
 	w.Wall = time.Since(t0)
+	w.HostBusy = hostCPU().busySince(cpu0)
 	w.WallMS = float64(w.Wall.Microseconds()) / 1000
 	if werr != nil {
 		return nil, werr
@@ -410,9 +422,15 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 		if b, err := d.Base(l.Base); err == nil && b.Peers != nil {
 			nr.FromOrigin, nr.FromPeers, nr.Served, nr.CorruptChunks = b.Peers.FromOriginBytes, b.Peers.FromPeersBytes, b.Peers.ServedBytes, b.Peers.CorruptChunks
 		}
+		nr.CPUSeconds = d.CPUSeconds()
 		if o.Mode == Peers {
 			nr.CorruptMetric, _ = d.Metric("vmthunder_peer_corrupt_chunks_total")
 			nr.PeerErrors, _ = d.Metric("vmthunder_peer_errors_total")
+			nr.FetchOK, _ = d.MetricWhere("vmthunder_peer_fetch_duration_seconds_count", `outcome="ok"`)
+			if sum, err := d.MetricWhere("vmthunder_peer_fetch_duration_seconds_sum", `outcome="ok"`); err == nil && nr.FetchOK > 0 {
+				nr.FetchOKMeanMS = sum / nr.FetchOK * 1000
+			}
+			nr.FetchTimeouts, _ = d.MetricWhere("vmthunder_peer_fetch_duration_seconds_count", `outcome="timeout"`)
 		}
 	}
 	for _, d := range daemons {
@@ -421,6 +439,33 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 		}
 	}
 	return w, nil
+}
+
+// cpuTimes are /proc/stat's first line: busy and total clock ticks.
+type cpuTimes struct{ busy, total float64 }
+
+func hostCPU() cpuTimes {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	var c cpuTimes
+	for i, f := range strings.Fields(line)[1:] {
+		v, _ := strconv.ParseFloat(f, 64)
+		c.total += v
+		if i != 3 && i != 4 { // idle, iowait
+			c.busy += v
+		}
+	}
+	return c
+}
+
+func (c cpuTimes) busySince(from cpuTimes) float64 {
+	if c.total <= from.total {
+		return 0
+	}
+	return (c.busy - from.busy) / (c.total - from.total)
 }
 
 func compact(ds []*Daemon) []*Daemon {

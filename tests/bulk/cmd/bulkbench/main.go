@@ -149,7 +149,7 @@ func run() error {
 			return err
 		}
 		fmt.Printf("think time x%g (%.1f s a boot on an infinitely fast disk)\n", think, trace.Short(0, think).Think().Seconds())
-		fmt.Printf("%5s  %-14s %10s %8s %8s %8s %8s %7s  %s\n", "N", "mode", "origin MB", "/ws", "p50 s", "p99 s", "max s", "failed", "qemu boots s")
+		fmt.Printf("%5s  %-14s %10s %8s %8s %8s %8s %7s %7s %6s %8s %5s  %s\n", "N", "mode", "origin MB", "/ws", "p50 s", "p99 s", "max s", "failed", "cpu s", "busy", "fetch ms", "t/o", "qemu boots s")
 		for _, n := range nodes {
 			for _, m := range modes {
 				q := 0
@@ -166,7 +166,8 @@ func run() error {
 				for _, b := range s.QEMU {
 					qs = append(qs, fmt.Sprintf("%.1f", b))
 				}
-				fmt.Printf("%5d  %-14s %10.1f %8.2f %8.2f %8.2f %8.2f %7d  %s\n", n, m, float64(s.OriginBytes)/1e6, s.WorkingSets, s.P50, s.P99, s.Max, s.Failed+s.Mismatched, strings.Join(qs, " "))
+				fmt.Printf("%5d  %-14s %10.1f %8.2f %8.2f %8.2f %8.2f %7d %7.1f %5.0f%% %8.1f %5.0f  %s\n", n, m, float64(s.OriginBytes)/1e6, s.WorkingSets, s.P50, s.P99, s.Max,
+					s.Failed+s.Mismatched, s.DaemonCPU, 100*s.HostBusy, s.PeerFetchMS, s.PeerTimeouts, strings.Join(qs, " "))
 			}
 		}
 		rep.Goals = append(rep.Goals, goals(rep.Waves, think, nodes)...)
