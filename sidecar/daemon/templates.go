@@ -80,8 +80,8 @@ func (d *Daemon) cinder(ctx context.Context) (*openstack.Client, error) {
 
 // Templates lists the published templates (GET /v1/templates).
 func (d *Daemon) Templates(imageID string) ([]api.Template, error) {
-	if len(imageID) > 255 {
-		return nil, api.BadRequest(api.CodeInvalid, "image_id is longer than 255 bytes")
+	if err := openstack.ValidImageID(imageID); err != nil {
+		return nil, api.BadRequest(api.CodeInvalid, "%v", err)
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, cinderTimeout)
 	defer cancel()

@@ -26,6 +26,9 @@ func TestTemplatesNeedCinder(t *testing.T) {
 	if st, body := e.raw("GET", "/v1/templates?imageid=x", ""); st != 400 || !strings.Contains(body, "image_id") {
 		t.Errorf("unknown query parameter: %d %s", st, body)
 	}
+	if st, body := e.raw("GET", "/v1/templates?image_id=a'b", ""); st != 400 || !strings.Contains(body, `"invalid"`) {
+		t.Errorf("image_id with a quote: %d %s", st, body)
+	}
 
 	// A port nobody listens on.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -196,12 +196,23 @@ func (c *Client) Connector(mode string) map[string]any {
 		"host":            c.cfg.Host,
 		"initiator":       c.cfg.Initiator,
 		"ip":              localIP(),
-		"platform":        runtime.GOARCH,
+		"platform":        platform(),
 		"os_type":         runtime.GOOS,
 		"multipath":       false,
 		"do_local_attach": false,
 		"mode":            mode,
 	}
+}
+
+// platform is the machine as os-brick names it (uname -m).
+func platform() string {
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86_64"
+	case "arm64":
+		return "aarch64"
+	}
+	return runtime.GOARCH
 }
 
 // localIP is the address this node reaches the network from (the

@@ -93,10 +93,22 @@ func clip(s string) string {
 	return s
 }
 
+// ValidImageID checks an image id given to filter on: it ends up inside
+// Cinder's metadata filter literal, so only plain id characters pass.
+func ValidImageID(id string) error {
+	if len(id) > 255 || strings.Trim(id, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-") != "" {
+		return fmt.Errorf("image id %q is not 1-255 of [A-Za-z0-9._:-]", clip(id))
+	}
+	return nil
+}
+
 // Templates lists the published templates (metadata vmthunder_template=1,
 // status available or in-use), newest first; imageID, when set, keeps
 // those of that image. Volumes whose metadata is damaged are left out.
 func (c *Client) Templates(ctx context.Context, imageID string) ([]api.Template, error) {
+	if err := ValidImageID(imageID); err != nil {
+		return nil, err
+	}
 	meta := map[string]string{MetaTemplate: "1"}
 	if imageID != "" {
 		meta[MetaImageID] = imageID

@@ -125,6 +125,11 @@ func runPublish(args []string) error {
 	case *file != "" && *sizeGiB != 0:
 		return errors.New("--size-gib is for --image (with --file the size is the file's)")
 	}
+	for _, id := range []string{*image, *imageID} {
+		if err := openstack.ValidImageID(id); err != nil {
+			return err
+		}
+	}
 	cfg, err := loadCinder(*cfgPath)
 	if err != nil {
 		return err
