@@ -103,7 +103,7 @@ func runPublish(args []string) error {
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "ini config file with a [cinder] section (default "+defaultConfig+")")
 	file := fs.String("file", "", "publish this raw image file: a new volume is created and the file written into it")
-	image := fs.String("image", "", "publish this Glance image: Cinder creates the volume from it")
+	image := fs.String("image", "", "publish this Glance image (id, or a name Cinder resolves): Cinder creates the volume from it")
 	name := fs.String("name", "", "the template volume's name (required with --file; default vmthunder-template-IMAGE)")
 	imageID := fs.String("image-id", "", "with --file: the Glance/Nova image the file is (recorded in the metadata)")
 	chunk := fs.String("chunk-size", "", "cache chunk size recorded for the template (default the config's [cache] chunk_size)")
@@ -250,7 +250,12 @@ func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) 
 		if err != nil {
 			return err
 		}
-		t, err = p.finish(ctx, v.ID, size, sum, image, v.VolumeImageMetadata["checksum"])
+		// --image may name the image; Cinder records its id.
+		id := image
+		if got := v.VolumeImageMetadata["image_id"]; got != "" {
+			id = got
+		}
+		t, err = p.finish(ctx, v.ID, size, sum, id, v.VolumeImageMetadata["checksum"])
 		return err
 	}()
 	if err != nil {
