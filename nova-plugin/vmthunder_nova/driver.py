@@ -94,7 +94,8 @@ class VMThunderDriver(libvirt_driver.LibvirtDriver):
         if not image_id:
             return None
         try:
-            templates = self.sidecar.templates(image_id=image_id)
+            with imagebackend.TEMPLATE_CALLS:
+                templates = self.sidecar.templates(image_id=image_id)
         except SidecarError as e:
             LOG.warning(
                 "vmthunder: cannot list the templates of image %s (%s): the root disk comes from "

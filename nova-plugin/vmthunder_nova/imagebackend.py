@@ -13,6 +13,7 @@ the same answer on any node without asking Cinder again.
 """
 
 import os
+import threading
 import time
 
 from nova import conf as nova_conf
@@ -33,6 +34,14 @@ TEMPLATE_KEY = "vmthunder_template_volume"
 STORE_NAME = "disk.vmthunder"
 # How long a create another thread started may take before we give up.
 CREATE_WAIT = 120.0
+
+# While the sidecar opens a template on this node it attaches the volume in
+# Cinder, which holds it in status reserved/attaching until the attachment
+# completes; the sidecar lists and opens only available or in-use templates.
+# So this node's template lookups and export creates take turns (a create
+# is answered once its export is ready). Other nodes' attaches can still
+# race with them: the sidecar must accept those states (reported, issue 13).
+TEMPLATE_CALLS = threading.Lock()
 
 
 def template_of(instance):
@@ -128,9 +137,10 @@ class TemplateRoot(imagebackend.Image):
                 )
                 self.client.delete_export(eid)
             try:
-                export = self.client.create(
-                    eid, "cow", template_volume=self.template_volume, cow_path=self.path
-                )
+                with TEMPLATE_CALLS:
+                    export = self.client.create(
+                        eid, "cow", template_volume=self.template_volume, cow_path=self.path
+                    )
             except SidecarError as e:
                 if e.code == "exists" and time.monotonic() < deadline:
                     continue  # made meanwhile by another thread: look again

@@ -23,7 +23,7 @@ import tempfile
 import logging
 
 import fixtures
-import libvirt  # noqa: F401  (imported before nova's import poison is installed)
+import libvirt  # (imported before nova's import poison is installed)
 
 import harness  # noqa: I001  (sets sys.path for the shims and tests.openstack)
 
@@ -124,6 +124,10 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
         self.flags(api_socket=self.sidecar.api_socket, group="vmthunder")
         self.flags(resume_interval=0, group="vmthunder")
 
+        # Registered first, so it runs last: after the compute service
+        # stopped, whatever domains this test's servers left behind go.
+        self.addCleanup(self._remove_domains)
+
         # Nova's log as it happens (the test's own copy comes at its end).
         handler = logging.FileHandler(os.path.join(self.work, "nova.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
@@ -144,25 +148,26 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
 
     # -- helpers ---------------------------------------------------------
 
-    def _image(self, name, nonce):
+    def _image(self, name, nonce, data=None):
         """A Glance image of the test guest booted by direct kernel boot,
         its kernel and ramdisk images with their real bytes (Nova
         downloads those into the instance directory, as for any AKI/ARI
-        image; the root disk itself never comes from Glance here)."""
+        image). The root image's bytes are there only with data (a path),
+        for a stock boot: a template root disk never comes from Glance."""
         ctx = nova_context.get_admin_context()
         ids = {}
         for kind, fmt in (("kernel", "aki"), ("initrd", "ari")):
             with open(self.guest[kind], "rb") as f:
-                data = f.read()
+                blob = f.read()
             meta = {
                 "name": f"{name}-{kind}",
                 "disk_format": fmt,
                 "container_format": fmt,
-                "size": len(data),
+                "size": len(blob),
                 "visibility": "public",
                 "properties": {},
             }
-            ids[kind] = self.glance.create(ctx, meta, data=io.BytesIO(data))["id"]
+            ids[kind] = self.glance.create(ctx, meta, data=io.BytesIO(blob))["id"]
         image = self.glance.create(
             ctx,
             {
@@ -180,6 +185,7 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
                     "architecture": "x86_64",
                 },
             },
+            data=open(data, "rb") if data else None,  # noqa: SIM115  (the fixture reads it whole)
         )
         return image["id"]
 
@@ -219,6 +225,23 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
         with open(self._store(server_id), "rb") as f:
             f.seek(self.guest["write_offset"])
             return f.read(64).split(b"\n")[0].decode(errors="replace")
+
+    def _remove_domains(self):
+        """Domains of this run's instances (the shared libvirtd keeps them
+        when a test fails before deleting its servers)."""
+        conn = libvirt.open("qemu:///system")
+        try:
+            for dom in conn.listAllDomains():
+                try:
+                    if self.instances_path not in dom.XMLDesc(0):
+                        continue
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
+                except libvirt.libvirtError:
+                    pass  # gone meanwhile
+        finally:
+            conn.close()
 
     def _node_stats(self):
         """The sidecar's node-wide counters (origin_bytes: all its origin reads)."""
