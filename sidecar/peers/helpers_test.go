@@ -50,6 +50,15 @@ func (d *countingDev) readsOf(c int64) int {
 
 func (d *countingDev) Close() error { return nil }
 
+// settled waits up to a second for ok: a chunk server counts a chunk
+// after its write returns, which may be just after the asker has it.
+func settled(t testing.TB, ok func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Second); !ok() && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func testCA(t testing.TB) *pkitest.CA {
 	t.Helper()
 	ca, err := pkitest.NewCA("vmthunder test cluster")

@@ -234,6 +234,9 @@ func TestDeadMemberNoHomeUntilBack(t *testing.T) {
 		}
 	}
 	recv := b.traffic.Members()["h-c"].Received
+	// (A server counts a chunk once its write returned: maybe just after
+	// the asker has it.)
+	settled(t, func() bool { return c2.traffic.Members()["h-b"].Served == recv })
 	t.Logf("c is home of %d of %d chunks; b received %d bytes from it, c served b %d", homeOfC, chunks, recv, c2.traffic.Members()["h-b"].Served)
 	if homeOfC == 0 || recv == 0 || recv != c2.traffic.Members()["h-b"].Served {
 		t.Fatal("the member that came back was not used again")

@@ -76,6 +76,16 @@ func TestWaveEachChunkFromOriginOnce(t *testing.T) {
 	}
 	// Per member: what a node received from another is what that one
 	// served it, and every fetch was timed as ok.
+	settled(t, func() bool {
+		for _, a := range nodes {
+			for _, b := range nodes {
+				if a.traffic.Members()[b.name].Received != b.traffic.Members()[a.name].Served {
+					return false
+				}
+			}
+		}
+		return true
+	})
 	var received uint64
 	for _, a := range nodes {
 		for _, b := range nodes {
@@ -142,6 +152,7 @@ func TestHomeSingleFlight(t *testing.T) {
 	if got := home.origin.readsOf(c); got != 1 {
 		t.Fatalf("home read chunk %d %d times from its origin, want once", c, got)
 	}
+	settled(t, func() bool { return home.srv.Stats().Requests == 32 })
 	if st := home.srv.Stats(); st.Requests != 32 {
 		t.Fatalf("served %d requests, want 32", st.Requests)
 	}
