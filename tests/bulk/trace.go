@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"time"
 )
 
@@ -154,6 +155,9 @@ type ReplayOptions struct {
 	Verify io.ReaderAt
 	// ReadTimeout fails a read that takes longer (0: 2 minutes).
 	ReadTimeout time.Duration
+	// Progress, when set, is called with the number of reads completed
+	// so far after each one completes.
+	Progress func(done int)
 }
 
 // Result is what one replayed boot showed.
@@ -183,6 +187,7 @@ func Replay(t *Trace, d Disk, o ReplayOptions) *Result {
 		mismatch bool
 	}
 	out := make([]outcome, n)
+	var completed atomic.Int64
 	start := time.Now()
 	sem := make(chan struct{}, 256) // bounds goroutines blocked on the disk, not the trace's concurrency
 	for i, r := range t.Reads {
@@ -203,6 +208,9 @@ func Replay(t *Trace, d Disk, o ReplayOptions) *Result {
 			buf := make([]byte, r.Len)
 			err := readWithin(d, buf, r.Off, o.ReadTimeout)
 			out[i].err = err
+			if o.Progress != nil {
+				o.Progress(int(completed.Add(1)))
+			}
 			if err == nil && o.Verify != nil {
 				want := make([]byte, r.Len)
 				if _, err := o.Verify.ReadAt(want, r.Off); err != nil && !errors.Is(err, io.EOF) {

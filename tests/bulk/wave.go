@@ -200,10 +200,10 @@ type WaveOptions struct {
 	// Corrupt nodes serve corrupt chunks (VMTHUNDER_TEST_FAULT); Rogue
 	// nodes have certificates of another CA.
 	Corrupt, Rogue []int
-	// Kill, when >= 0, is a node whose daemon is killed (SIGKILL) KillAfter
-	// into the wave.
-	Kill      int
-	KillAfter time.Duration
+	// Kill, when >= 0, is a replaying node whose daemon is killed
+	// (SIGKILL) once its boot has completed KillAtRead reads.
+	Kill       int
+	KillAtRead int
 }
 
 // NodeResult is one node's boot.
@@ -369,10 +369,15 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 	var wg sync.WaitGroup
 	var errMu sync.Mutex
 	var werr error
+	progress := make([]func(int), o.N)
 	if o.Kill >= 0 && o.Kill < o.N && daemons != nil {
 		w.Nodes[o.Kill].Killed = true
-		killer := time.AfterFunc(o.KillAfter, func() { daemons[o.Kill].Kill() })
-		defer killer.Stop()
+		var once sync.Once
+		progress[o.Kill] = func(done int) {
+			if done >= o.KillAtRead {
+				once.Do(func() { daemons[o.Kill].Kill() })
+			}
+		}
 	}
 	for i := 0; i < o.N; i++ {
 		wg.Add(1)
@@ -402,7 +407,7 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 				nr.Boot, nr.Bytes = r.BootTime, r.Bytes
 				nr.BootMS = float64(r.BootTime.Microseconds()) / 1000
 			default:
-				nr.Result = *Replay(l.o.Trace, disks[i], ReplayOptions{Verify: verify})
+				nr.Result = *Replay(l.o.Trace, disks[i], ReplayOptions{Verify: verify, Progress: progress[i]})
 			}
 		}(i)
 	}
