@@ -391,4 +391,24 @@ func TestDashboardPanelsReturnSeries(t *testing.T) {
 	for i, c := range checks {
 		t.Logf("%s = %+v", c.q, answers[i])
 	}
+
+	// GET /v1/peers says the same per member: all alive, bytes from each
+	// adding up to what the node read from peers.
+	for i, e := range envs {
+		v, err := e.c.Peers(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := e.d.Base(base)
+		var received uint64
+		for _, m := range v.Members {
+			if m.State != "alive" || m.Since.IsZero() || len(m.Bases) != 1 || m.Bases[0] != base || m.Self != (m.Name == v.Self) {
+				t.Errorf("node%d: member %+v", i, m)
+			}
+			received += m.ReceivedBytes
+		}
+		if len(v.Members) != 3 || received != b.Peers.FromPeersBytes || received == 0 {
+			t.Errorf("node%d: %d members, %d bytes received from them, %d from peers", i, len(v.Members), received, b.Peers.FromPeersBytes)
+		}
+	}
 }
