@@ -8,7 +8,8 @@
 //     (base id, chunk index) over the members that have the base open;
 //   - membership.go: who those members are (hashicorp/memberlist), each
 //     advertising its chunk server's address and the template bases it has
-//     open;
+//     open; memberstate.go: each one's state (alive, suspect, dead, left)
+//     and since when;
 //   - manifest.go: the sha256 of every chunk of one template generation,
 //     made once from the origin and never taken from a peer;
 //   - server.go, client.go: chunk transfer over mutually authenticated TLS
@@ -17,7 +18,9 @@
 //   - source.go: the blockdev.Device a template base's cache fills from:
 //     the home, then the next candidates, then the origin; every chunk from
 //     a peer verified against the manifest; a guest read never fails
-//     because a peer did.
+//     because a peer did;
+//   - traffic.go: the chunk bytes exchanged with each member and the
+//     latency of chunk fetches by outcome, for the daemon's metrics.
 //
 // Only template bases (read-only content generations, cache.Binding with a
 // Template) may be shared between nodes: a volume's bytes can change under
