@@ -355,8 +355,15 @@ class Devstack:
             env=self.env,
         )
         if check:
-            assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+            assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}\nsidecar:\n{self.sidecar_log()}"
         return r
+
+    def sidecar_log(self):
+        try:
+            with open(os.path.join(self.work, "vmthunder.log")) as f:
+                return f.read()[-4000:]
+        except FileNotFoundError:
+            return "(not started)"
 
     def calls(self):
         with open(os.path.join(self.work, "calls")) as f:

@@ -491,3 +491,122 @@ def test_a_pause_that_is_not_the_sidecars_is_left_alone(nova_conf, node, domains
     assert dom.dom.state()[0] == dom.libvirt.VIR_DOMAIN_PAUSED
     xml = etree.tostring(dom.xml()).decode()
     assert resume.vmthunder_disks(xml) == {}
+
+
+# Image-backed root disks over templates (imagebackend.py). The whole path
+# (templates in a real Cinder, Nova's services) is tests/functional; these
+# are the driver's own decisions against a sidecar without [cinder].
+
+
+def image_instance(image_ref, template=None):
+    from nova import objects
+
+    class Instance(objects.Instance):
+        saves = 0
+
+        def save(self, *a, **kw):
+            Instance.saves += 1
+
+    sysmeta = {"vmthunder_template_volume": template} if template else {}
+    return Instance(
+        uuid=str(uuid.uuid4()),
+        system_metadata=sysmeta,
+        flavor=objects.Flavor(extra_specs={}),
+        image_ref=image_ref,
+        host="localhost",
+    )
+
+
+def image_meta(image_id):
+    from nova import objects
+
+    return objects.ImageMeta.from_dict({"id": image_id, "disk_format": "raw", "properties": {}})
+
+
+def test_without_a_template_the_root_disk_is_stock_and_the_warning_says_why(nova_conf, node, caplog):
+    import logging
+
+    from nova.virt.libvirt import imagebackend as stock_backend
+
+    from vmthunder_nova import imagebackend
+
+    _, src, _ = node
+    drv = driver_for(nova_conf, src)
+    image_id = str(uuid.uuid4())
+    # Recorded from an earlier spawn (a rebuild to an image without one).
+    inst = image_instance(image_id, template=str(uuid.uuid4()))
+    with caplog.at_level(logging.WARNING):
+        drv._choose_root_disk(inst, image_meta(image_id), None)
+    assert "vmthunder_template_volume" not in inst.system_metadata
+    assert inst.saves == 1
+    # This sidecar has no [cinder] section: it answers 503 cinder_unconfigured.
+    assert any(
+        "cannot list the templates of image " + image_id in r.getMessage()
+        and "cinder_unconfigured" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    disk = drv.image_backend.by_name(
+        inst, "disk", disk_info_mapping={"bus": "virtio", "dev": "vda", "type": "disk"}
+    )
+    assert not isinstance(disk, imagebackend.TemplateRoot)
+    assert isinstance(disk, stock_backend.Image)
+
+
+def test_template_root_disks_and_volume_backed_instances(nova_conf, node):
+    from vmthunder_nova import imagebackend
+
+    _, src, _ = node
+    drv = driver_for(nova_conf, src)
+    tmpl = str(uuid.uuid4())
+    inst = image_instance(str(uuid.uuid4()), template=tmpl)
+    mapping = {"bus": "virtio", "dev": "vda", "type": "disk"}
+    root = drv.image_backend.by_name(inst, "disk", disk_info_mapping=mapping)
+    assert isinstance(root, imagebackend.TemplateRoot)
+    assert root.template_volume == tmpl
+    assert root.path.endswith(os.path.join(inst.uuid, "disk.vmthunder"))
+    # Ephemeral, swap and config drive stay with Nova's backend.
+    for name in ("disk.local", "disk.swap", "disk.config", "disk.rescue"):
+        assert not isinstance(
+            drv.image_backend.by_name(inst, name, disk_info_mapping=mapping), imagebackend.TemplateRoot
+        )
+    # A volume-backed instance never gets a template root disk.
+    bdi = {
+        "root_device_name": "/dev/vda",
+        "block_device_mapping": [{"mount_device": "/dev/vda", "boot_index": 0}],
+    }
+    drv._choose_root_disk(inst, image_meta(inst.image_ref), bdi)
+    assert imagebackend.template_of(inst) is None
+
+
+def test_live_migration_of_a_template_root_disk_is_refused(nova_conf, node):
+    from nova import exception
+
+    from vmthunder_nova import driver as vmt_driver
+
+    _, src, _ = node
+    drv = driver_for(nova_conf, src)
+    inst = image_instance(str(uuid.uuid4()), template=str(uuid.uuid4()))
+    with pytest.raises(exception.MigrationPreCheckError) as e:
+        drv.check_can_live_migrate_source(None, inst, None)
+    assert "live migration" in str(e.value) and vmt_driver.LIVE_MIGRATION_REFUSED in str(e.value)
+
+
+def test_the_store_moves_between_instance_directories_by_rename(tmp_path):
+    from vmthunder_nova import imagebackend
+
+    old, new = tmp_path / "uuid_resize", tmp_path / "uuid"
+    old.mkdir()
+    new.mkdir()
+    for name, data in (
+        ("disk.vmthunder", b"store"),
+        ("disk.vmthunder.bitmap", b"bits"),
+        ("disk.info", b"{}"),
+    ):
+        (old / name).write_bytes(data)
+    inode = os.stat(old / "disk.vmthunder").st_ino
+    assert imagebackend.move_store(str(old), str(new)) == ["disk.vmthunder", "disk.vmthunder.bitmap"]
+    # The same file (owner, link count) under its new name; others stay.
+    assert os.stat(new / "disk.vmthunder").st_ino == inode
+    assert (new / "disk.vmthunder.bitmap").read_bytes() == b"bits"
+    assert sorted(os.listdir(old)) == ["disk.info"]
+    assert imagebackend.move_store(str(tmp_path / "missing"), str(new)) == []

@@ -55,26 +55,29 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
     def setUpClass(cls):
         super().setUpClass()
         cls.work = tempfile.mkdtemp(prefix="vmt-nova-func-")
-        os.chmod(cls.work, 0o755)
-        cls.instances_path = os.path.join(cls.work, "instances")
-        os.makedirs(cls.instances_path, mode=0o755)
-        cls.guest = harness.build_guest(os.path.join(cls.work, "guest"))
-        cls.cloud_cm = openstack_cinder.cloud(os.path.join(cls.work, "openstack"), glance=False)
-        cls.cloud = cls.cloud_cm.__enter__()
+        cls.cloud_cm = cls.sidecar = None
         try:
+            os.chmod(cls.work, 0o755)
+            cls.instances_path = os.path.join(cls.work, "instances")
+            os.makedirs(cls.instances_path, mode=0o755)
+            cls.guest = harness.build_guest(os.path.join(cls.work, "guest"))
+            cls.cloud_cm = openstack_cinder.cloud(os.path.join(cls.work, "openstack"), glance=False)
+            cls.cloud = cls.cloud_cm.__enter__()
             os.makedirs(os.path.join(cls.work, "sidecar"), mode=0o755)
             cls.sidecar = harness.Sidecar(os.path.join(cls.work, "sidecar"), cls.instances_path, cls.cloud)
             cls.sidecar.start()
-        except Exception:
-            cls.cloud_cm.__exit__(None, None, None)
+        except BaseException:
+            cls.tearDownClass()
             raise
 
     @classmethod
     def tearDownClass(cls):
         try:
-            cls.sidecar.stop()
+            if cls.sidecar is not None:
+                cls.sidecar.stop()
         finally:
-            cls.cloud_cm.__exit__(None, None, None)
+            if cls.cloud_cm is not None:
+                cls.cloud_cm.__exit__(None, None, None)
             if os.environ.get("VMTHUNDER_KEEP"):
                 print(f"kept {cls.work}")
             else:

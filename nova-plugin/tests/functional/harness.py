@@ -19,8 +19,13 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-# The shims from this tree, not an installed copy; tests.openstack from the repo.
-for path in (os.path.join(REPO, "cinder-connector"), os.path.join(REPO, "nova-plugin"), REPO):
+# tests.openstack from the repository. The shims are tested as installed
+# (tests/python.sh installs them first), or from this tree with
+# VMTHUNDER_TEST_SOURCE=1.
+_paths = [REPO]
+if os.environ.get("VMTHUNDER_TEST_SOURCE"):
+    _paths += [os.path.join(REPO, "cinder-connector"), os.path.join(REPO, "nova-plugin")]
+for path in _paths:
     if path not in sys.path:
         sys.path.insert(0, path)
 

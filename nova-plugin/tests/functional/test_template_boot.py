@@ -126,6 +126,24 @@ class TemplateBootTest(base.NovaOnVMThunder):
         self.assertEqual(f"{self.guest['write_marker']} a", self._guest_write(two))
         self.assertEqual(320, self.api.get_server(two)["flavor"]["ram"])
 
+        # An image without a template boots the stock way (Nova's image
+        # cache, a qcow2 root disk), and the warning says why.
+        self.flags(publish_missing_templates=True, group="vmthunder")
+        plain = self._image("vmt-guest-plain", "plain")
+        stock = self.api.post_server(
+            {"server": {"name": "stock", "imageRef": plain, "flavorRef": flavor, "networks": "none"}}
+        )["id"]
+        self._wait_server(stock, "ACTIVE")
+        self.assertNotIn(f"{stock}.disk", self._exports())
+        self.assertTrue(os.path.exists(os.path.join(self.instances_path, stock, "disk")))
+        with open(os.path.join(self.work, "nova.log")) as f:
+            self.assertIn(
+                f"image {plain} has no VMThunder template and publishing one on demand "
+                "([vmthunder] publish_missing_templates) is not built yet",
+                f.read(),
+            )
+        ids.append(stock)
+
         # Delete everything: exports, sockets, stores and attachments go;
         # the template bases' caches stay for the next server.
         for sid in ids:
