@@ -23,65 +23,13 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/api/client"
 	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/openstack"
+	"github.com/vmthunder/vmthunder/sidecar/openstack/openstacktest"
 )
 
-// cinderCloud is a real one-node Cinder 29 (tests/openstack: cinder-api,
-// -scheduler, -volume with noauth, RabbitMQ, a file-on-tgtd backend).
-type cinderCloud struct {
-	Endpoint           string `json:"endpoint"`
-	ProjectID          string `json:"project_id"`
-	TemplateVolumeType string `json:"template_volume_type"`
-	Workdir            string `json:"workdir"`
-	GlanceEndpoint     string `json:"glance_endpoint"`
-}
-
-// startCinder starts the harness (about 10 s) and stops it when the test
-// ends, or uses the one $VMTHUNDER_CINDER_INFO describes. VMTHUNDER_PYTHON is the venv's python (default .venv/bin/python at
-// the repository root).
-func startCinder(t *testing.T) *cinderCloud {
-	t.Helper()
-	// A cloud already up (the JSON line `up` printed) is used as it is.
-	if info := os.Getenv("VMTHUNDER_CINDER_INFO"); info != "" {
-		var c cinderCloud
-		if err := json.Unmarshal([]byte(info), &c); err != nil {
-			t.Fatalf("VMTHUNDER_CINDER_INFO: %v", err)
-		}
-		return &c
-	}
-	root, err := filepath.Abs("../../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	py := os.Getenv("VMTHUNDER_PYTHON")
-	if py == "" {
-		py = filepath.Join(root, ".venv", "bin", "python")
-	}
-	work, err := os.MkdirTemp("", "vmt-cinder-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(work) // the harness makes it
-	cmd := exec.Command(py, "-m", "tests.openstack.cinder", "up", "--workdir", work)
-	cmd.Dir = root
-	var so, se bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &so, &se
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("starting the Cinder harness (%s -m tests.openstack.cinder up; make venv and scripts/install-deps.sh install it): %v\n%s", py, err, se.String())
-	}
-	t.Cleanup(func() {
-		down := exec.Command(py, "-m", "tests.openstack.cinder", "down", "--workdir", work)
-		down.Dir = root
-		if b, err := down.CombinedOutput(); err != nil {
-			t.Errorf("stopping the Cinder harness: %v\n%s", err, b)
-		}
-	})
-	lines := strings.Split(strings.TrimSpace(so.String()), "\n")
-	var c cinderCloud
-	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &c); err != nil {
-		t.Fatalf("harness answer %q: %v", so.String(), err)
-	}
-	return &c
-}
+// cinderCloud is a real one-node Cinder 29 + Glance 33 (tests/openstack:
+// cinder-api, -scheduler, -volume with noauth, RabbitMQ, a file-on-tgtd
+// backend).
+type cinderCloud = openstacktest.Cloud
 
 // tmplNode is a daemon process with a [cinder] section naming host.
 func tmplNode(t *testing.T, c *cinderCloud, host string) *daemonProc {
@@ -487,7 +435,7 @@ func (randReader) Read(p []byte) (int, error) { return rand.Read(p) }
 // TestTemplatesThroughOpenStack runs the template tests against one real
 // Cinder 29 + Glance 33 (tests/openstack), started once for them.
 func TestTemplatesThroughOpenStack(t *testing.T) {
-	cl := startCinder(t)
+	cl := openstacktest.StartCinder(t)
 	t.Run("file", func(t *testing.T) { testTemplateVolumes(t, cl) })
 	t.Run("image", func(t *testing.T) { testPublishFromImage(t, cl) })
 }
