@@ -99,6 +99,17 @@ class FileVolumeDriver(lvm.LVMVolumeDriver):
         except FileNotFoundError:
             LOG.info("volume file of %s already gone", volume["id"])
 
+    def copy_image_to_volume(self, context, volume, image_service, image_id, disable_sparse=False):
+        super().copy_image_to_volume(context, volume, image_service, image_id, disable_sparse)
+        # Writing an image into a regular file (unlike LVM's block device)
+        # leaves it the image's size: grow it back to the volume's.
+        self._grow(self.local_path(volume), volume["size"])
+
+    def _grow(self, path, size_gb):
+        with open(path, "r+b") as f:
+            if os.fstat(f.fileno()).st_size < size_gb * GiB:
+                f.truncate(size_gb * GiB)
+
     def extend_volume(self, volume, new_size):
         with open(self.local_path(volume), "r+b") as f:
             f.truncate(new_size * GiB)
@@ -106,9 +117,7 @@ class FileVolumeDriver(lvm.LVMVolumeDriver):
     def _copy(self, src, dst, size_gb):
         # cp --sparse keeps holes, so clones of mostly empty volumes stay cheap.
         subprocess.run(["cp", "--sparse=always", src, dst], check=True)
-        with open(dst, "r+b") as f:
-            if os.fstat(f.fileno()).st_size < size_gb * GiB:
-                f.truncate(size_gb * GiB)
+        self._grow(dst, size_gb)
 
     def create_cloned_volume(self, volume, src_vref):
         self._copy(self.local_path(src_vref), self.local_path(volume), volume["size"])

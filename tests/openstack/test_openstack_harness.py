@@ -100,6 +100,14 @@ class Lun:
         )  # fmt: skip
         assert r.returncode == 0 and "wrote" in r.stdout, r.stdout + r.stderr
 
+    def size(self):
+        r = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--object", self.obj, "--image-opts", self.opts],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["virtual-size"]
+
     def read(self, offset, length, tmp_path):
         # qemu-img dd counts MiB blocks and cannot skip on this driver (it
         # says so yet exits 0): read from 0 and check the length.
@@ -140,6 +148,7 @@ def test_attachment_gives_a_chap_iscsi_lun_with_the_volume_bytes(api, openstack,
     src = tmp_path / "data"
     src.write_bytes(data)
     lun = Lun(conn, tmp_path)
+    assert lun.size() == 1 << 30
     lun.write(3 * MiB, src)
     assert lun.read(3 * MiB, 2 * MiB, tmp_path) == data
     # The LUN is this volume's file in the backend, not some other storage.
@@ -194,7 +203,9 @@ def test_template_volume_from_a_glance_image_is_multiattach_and_readonly(api, op
     assert api.wait_volume(vol["id"], "in-use")["multiattach"] is True
     for att in (first, second):
         assert att["connection_info"]["access_mode"] == "ro"
-        assert Lun(att["connection_info"], tmp_path).read(0, 3 * MiB, tmp_path) == data
+        lun = Lun(att["connection_info"], tmp_path)
+        assert lun.size() == 1 << 30  # the volume's size, not the image's
+        assert lun.read(0, 3 * MiB, tmp_path) == data
 
     query = urllib.parse.quote(json.dumps({"vmthunder_template": "1"}))
     listed = api("GET", f"/volumes/detail?metadata={query}", want=200)
@@ -282,7 +293,9 @@ def test_snapshots_and_clones_carry_the_bytes(api, openstack, tmp_path):
     for v, size in ((from_snap, 2), (clone, 1)):
         assert v["size"] == size
         a = api.attach(v["id"])
-        assert Lun(a["connection_info"], tmp_path).read(MiB, MiB, tmp_path) == data
+        lun = Lun(a["connection_info"], tmp_path)
+        assert lun.size() == size << 30
+        assert lun.read(MiB, MiB, tmp_path) == data
         api("DELETE", f"/attachments/{a['id']}", want=200)
         api.wait_volume(v["id"])
         api.delete_volume(v["id"])
