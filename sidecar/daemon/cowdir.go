@@ -86,7 +86,22 @@ func (d *Daemon) cowDirFD(p string, create bool) (dir *os.File, ident string, er
 		unix.Close(fd)
 		return nil, "", forbidden("cow_path %s: directory %s is writable by everyone (mode %04o)", p, filepath.Dir(c), st.Mode&0o7777)
 	}
+	// Someone else may add entries there: a hard link they made to a root
+	// file, between the daemon's check and its open, would be written.
+	// The kernel forbids such links only with protected_hardlinks.
+	if (st.Uid != 0 || st.Mode&0o022 != 0) && !protectedHardlinks() {
+		unix.Close(fd)
+		return nil, "", forbidden("cow_path %s: directory %s can be written by uid %d or its group, and fs.protected_hardlinks is off: "+
+			"another user could link a root file there (set sysctl fs.protected_hardlinks=1)", p, filepath.Dir(c), st.Uid)
+	}
 	return os.NewFile(uintptr(fd), filepath.Dir(c)), ident, nil
+}
+
+// protectedHardlinks says whether users may hard-link only files they own
+// or can read and write (fs.protected_hardlinks = 1, Debian's default).
+func protectedHardlinks() bool {
+	b, err := os.ReadFile("/proc/sys/fs/protected_hardlinks")
+	return err == nil && strings.TrimSpace(string(b)) == "1"
 }
 
 // walkNoFollow opens the components one by one below dirfd (closing
