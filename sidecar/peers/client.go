@@ -152,6 +152,12 @@ func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) er
 	if _, err := io.ReadFull(resp.Body, p); err != nil {
 		return fail(resp.StatusCode, true, fmt.Errorf("read chunk: %w", err))
 	}
+	// Read to the end of the stream: closing it before would reset it,
+	// and the server could count its answer as not delivered.
+	var one [1]byte
+	if _, err := resp.Body.Read(one[:]); err != io.EOF {
+		return fail(resp.StatusCode, true, fmt.Errorf("read chunk: no end of stream after %d bytes (%v)", len(p), err))
+	}
 	return nil
 }
 
