@@ -60,6 +60,7 @@ func runAttach(args []string) error {
 	generation := fs.String("generation", "", "the template's content version (required with --base), e.g. the image checksum")
 	mode := fs.String("mode", api.ModeCOW, "cow, write-through or readonly")
 	cow := fs.String("cow", "", "copy-on-write store (mode cow; default STATE_DIR/cow/ID.img)")
+	tmplVol := fs.String("template-volume", "", "a Cinder template volume (vmthunder publish) instead of --origin/--base/--generation")
 	asJSON := fs.Bool("json", false, "print the export as JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -77,7 +78,7 @@ func runAttach(args []string) error {
 			return err
 		}
 	}
-	req := api.CreateRequest{ID: *id, Origin: o, Base: *base, Generation: *generation, Mode: *mode, CowPath: cowPath}
+	req := api.CreateRequest{ID: *id, Origin: o, Base: *base, Generation: *generation, Mode: *mode, CowPath: cowPath, TemplateVolume: *tmplVol}
 	if *ci != "" {
 		if err := json.Unmarshal([]byte(*ci), &req.ConnectionInfo); err != nil {
 			return fmt.Errorf("--connection-info: %w", err)

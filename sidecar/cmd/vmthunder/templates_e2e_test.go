@@ -196,6 +196,15 @@ func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 	if len(att) != 1 {
 		t.Fatalf("Cinder has %d attachments of host %s, want 1: %v", len(att), host, att)
 	}
+	// The CLI makes one too (readonly), on the same base and attachment.
+	var cliExp api.Export
+	if err := json.Unmarshal([]byte(node.mustCLI("attach", "--id", "cli-ro", "--template-volume", pub.VolumeID, "--mode", "readonly", "--json")), &cliExp); err != nil {
+		t.Fatal(err)
+	}
+	if cliExp.Base != exps[0].Base || cliExp.TemplateVolume != pub.VolumeID || len(hostAttachments(t, cc, pub.VolumeID)) != 1 {
+		t.Fatalf("vmthunder attach --template-volume: %+v", cliExp)
+	}
+	node.mustCLI("detach", "cli-ro")
 	aligned := (size + 511) &^ 511
 	for _, e := range exps {
 		got := readPrefix(t, e.Socket, e.ID, aligned)
