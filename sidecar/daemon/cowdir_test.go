@@ -180,3 +180,61 @@ done`, inst, victims["victim"])
 		t.Errorf("files made outside: %v", ents)
 	}
 }
+
+// Nova's home (/var/lib/nova) is nova's too, so the allowed directory
+// itself can be swapped: it is walked from / without following symlinks,
+// and a symlink put in its place is refused.
+func TestCowAllowedDirInNovaHome(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test runs as root (make test does): it creates a user and acts as it")
+	}
+	ensureUser(t, "vmt-nova", "vmt-api")
+	u, err := user.Lookup("vmt-nova")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	var home, inst string
+	e := newEnv(t, func(c *config.Config) {
+		c.APIGroup = "vmt-api"
+		home = filepath.Join(filepath.Dir(c.StateDir), "nova")
+		inst = filepath.Join(home, "instances")
+		for _, d := range []string{home, inst} {
+			if err := os.Mkdir(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(d, uid, gid); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c.AllowedCowDirs = []string{inst}
+	})
+	if err := os.Chmod(e.dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	img, _ := e.image("base.raw", 1<<20)
+	outside := filepath.Join(e.dir, "outside")
+	if err := os.Mkdir(outside, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	x, err := e.c.Create(ctx(t), api.CreateRequest{ID: "vm1", Origin: img, Mode: api.ModeCOW, CowPath: inst + "/uuid-1/disk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(t, x.URI, "write -P 0x63 0 4k", "flush")
+	if err := e.c.Delete(ctx(t), "vm1", false); err != nil {
+		t.Fatal(err)
+	}
+	// Nova moves instances/ away and points the name at root's directory.
+	if out, err := runAs(t, "vmt-nova", "sh", "-ec", fmt.Sprintf("cd %s && mv instances instances.old && ln -s %s instances", home, outside)); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	for _, cow := range []string{inst + "/uuid-1/disk", inst + "/disk"} {
+		_, err := e.c.Create(ctx(t), api.CreateRequest{ID: "vm2", Origin: img, Mode: api.ModeCOW, CowPath: cow})
+		wantForbidden(t, cow+" through a swapped allowed directory", err, "symlink")
+	}
+	if ents, _ := os.ReadDir(outside); len(ents) != 0 {
+		t.Errorf("files made outside: %v", ents)
+	}
+}
