@@ -334,7 +334,7 @@ class Devstack:
             VMTHUNDER_INSTALLED_BIN=os.path.join(work, "usr/local/bin/vmthunder"),
             VMTHUNDER_BUILD_OUT=os.path.join(work, "build/vmthunder"),
             VMTHUNDER_GO_ROOT=os.path.join(work, "opt/.vmthunder-go"),
-            VMTHUNDER_METRICS_LISTEN="",
+            VMTHUNDER_METRICS_LISTEN="",  # none: its port may be another sidecar's
             # For the exports unstack removes: a local file origin.
             VMTHUNDER_ALLOWED_ORIGIN_DIRS=os.path.join(work, "images"),
         )
@@ -355,7 +355,8 @@ class Devstack:
             env=self.env,
         )
         if check:
-            assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}\nsidecar:\n{self.sidecar_log()}"
+            out = f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}\nsidecar:\n{self.sidecar_log()}"
+            assert r.returncode == 0, out
         return r
 
     def sidecar_log(self):
@@ -482,6 +483,7 @@ def test_stack_unstack_clean_in_devstack_order(devstack):
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), "it holds the service password"
     conf = ds.ini(conf_path)
     assert conf["DEFAULT"]["api_group"] == "nogroup"
+    assert conf["metrics"]["listen"] == ""
     assert conf["DEFAULT"]["nbd_group"] == "libvirt-qemu"
     assert conf["DEFAULT"]["allowed_cow_dirs"] == (
         f"{env['VMTHUNDER_STATE_DIR']}/cow,{env['NOVA_INSTANCES_PATH']}"
