@@ -2,19 +2,12 @@ package main
 
 import (
 	"context"
-	"crypto/md5"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
-	"hash"
-	"io"
 	"os"
 	"os/signal"
-	"strconv"
 	"syscall"
-	"time"
 
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/sys/unix"
@@ -22,17 +15,12 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/config"
 	"github.com/vmthunder/vmthunder/sidecar/openstack"
-	"github.com/vmthunder/vmthunder/sidecar/origin"
-	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/publish"
 )
 
 func init() {
 	register("publish", "publish an image as a read-only template volume in Cinder (--file PATH or --image ID)", runPublish)
 }
-
-// publishTimeout bounds each wait for Cinder (a volume made from an image
-// is copied by cinder-volume first).
-var publishTimeout = 30 * time.Minute
 
 // loadCinder reads the [cinder] section of the config file.
 func loadCinder(path string) (*config.Config, error) {
@@ -151,15 +139,26 @@ func runPublish(args []string) error {
 	if err != nil {
 		return err
 	}
-	p := publisher{c: c, cfg: cfg.Cinder, chunkSize: chunkSize, keep: *keep}
+	var bar *progress
+	o := publish.Options{Client: c, VolumeType: cfg.Cinder.TemplateVolumeType, Initiator: cfg.Cinder.Initiator,
+		ChunkSize: chunkSize, Keep: *keep, Say: say,
+		Progress: func(phase string, done, total int64) {
+			if done == 0 {
+				bar = newProgress(phase, total)
+			}
+			bar.set(done)
+			if done == total {
+				bar.finish()
+			}
+		}}
 	var t api.Template
 	if *file != "" {
-		t, err = p.fromFile(ctx, *file, *name, *imageID)
+		t, err = publish.File(ctx, o, *file, *name, *imageID)
 	} else {
 		if *name == "" {
 			*name = "vmthunder-template-" + *image
 		}
-		t, err = p.fromImage(ctx, *image, *name, *sizeGiB)
+		t, err = publish.Image(ctx, o, *image, *name, *sizeGiB)
 	}
 	if err != nil {
 		return err
@@ -170,266 +169,4 @@ func runPublish(args []string) error {
 	say("published template volume %s (%s): generation %s, %d bytes", t.VolumeID, t.Name, t.Generation, t.Size)
 	fmt.Println(t.VolumeID)
 	return nil
-}
-
-type publisher struct {
-	c         *openstack.Client
-	cfg       *config.Cinder
-	chunkSize int64
-	keep      bool
-}
-
-// fromFile creates a volume of the file's size (GiB rounded up), writes
-// the file into it through an rw attachment, reads it back for the
-// generation, then tags it and makes it read-only.
-func (p *publisher) fromFile(ctx context.Context, path, name, imageID string) (api.Template, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return api.Template{}, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return api.Template{}, err
-	}
-	size := st.Size()
-	if !st.Mode().IsRegular() || size == 0 {
-		return api.Template{}, fmt.Errorf("%s is not a non-empty regular file", path)
-	}
-	gib := int((size + 1<<30 - 1) >> 30)
-	v, err := p.c.CreateVolume(ctx, openstack.CreateOpts{Name: name, SizeGiB: gib, VolumeType: p.cfg.TemplateVolumeType,
-		Metadata: map[string]string{"vmthunder_publishing": "1"}})
-	if err != nil {
-		return api.Template{}, err
-	}
-	say("volume %s (%d GiB, type %s) created; waiting for it", v.ID, gib, p.cfg.TemplateVolumeType)
-	var t api.Template
-	err = func() error {
-		if _, err := p.c.WaitStatus(ctx, v.ID, publishTimeout, nil, "available"); err != nil {
-			return err
-		}
-		sum, checksum, err := p.write(ctx, v.ID, f, size)
-		if err != nil {
-			return err
-		}
-		t, err = p.finish(ctx, v.ID, size, sum, imageID, checksum)
-		return err
-	}()
-	if err != nil {
-		return api.Template{}, p.failed(v.ID, err)
-	}
-	return t, nil
-}
-
-// fromImage has Cinder create the volume from a Glance image, then reads
-// it back for the generation (its content is the whole volume).
-func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) (api.Template, error) {
-	if gib == 0 {
-		gib = 1
-	}
-	v, err := p.c.CreateVolume(ctx, openstack.CreateOpts{Name: name, SizeGiB: gib, VolumeType: p.cfg.TemplateVolumeType,
-		ImageID: image, Metadata: map[string]string{"vmthunder_publishing": "1"}})
-	if err != nil {
-		return api.Template{}, err
-	}
-	say("volume %s (%d GiB) is being created from image %s by cinder-volume", v.ID, gib, image)
-	var t api.Template
-	err = func() error {
-		last := ""
-		v, err := p.c.WaitStatus(ctx, v.ID, publishTimeout, func(s string) {
-			if s != last {
-				say("volume %s: %s", v.ID, s)
-				last = s
-			}
-		}, "available")
-		if err != nil {
-			return err
-		}
-		// The content is the whole LUN, as every export of it shows it.
-		sum, size, err := p.readBack(ctx, v.ID, -1)
-		if err != nil {
-			return err
-		}
-		// --image may name the image; Cinder records its id.
-		id := image
-		if got := v.VolumeImageMetadata["image_id"]; got != "" {
-			id = got
-		}
-		t, err = p.finish(ctx, v.ID, size, sum, id, v.VolumeImageMetadata["checksum"])
-		return err
-	}()
-	if err != nil {
-		return api.Template{}, p.failed(v.ID, err)
-	}
-	return t, nil
-}
-
-// failed deletes a half-published volume (unless asked to keep it).
-func (p *publisher) failed(id string, err error) error {
-	if p.keep {
-		return fmt.Errorf("%w (volume %s kept: --keep-on-error)", err, id)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if _, werr := p.c.WaitStatus(ctx, id, time.Minute, nil, "available", "error"); werr == nil || openstack.IsNotFound(werr) {
-		if derr := p.c.DeleteVolume(ctx, id); derr != nil {
-			return fmt.Errorf("%w (and deleting volume %s: %v)", err, id, derr)
-		}
-		return fmt.Errorf("%w (volume %s deleted)", err, id)
-	}
-	return fmt.Errorf("%w (volume %s left: delete it by hand)", err, id)
-}
-
-// attached opens volume id's LUN through an attachment of this node in
-// mode, and returns the device and a function that closes it and deletes
-// the attachment.
-func (p *publisher) attached(ctx context.Context, id, mode string) (*iscsi.Dev, func() error, error) {
-	a, err := p.c.Attach(ctx, id, mode)
-	if err != nil {
-		return nil, nil, err
-	}
-	is, err := origin.ParseConnectionInfo(a.ConnectionInfo)
-	if err == nil {
-		is.ReadOnly = mode == openstack.ModeRO
-		is.Initiator = p.cfg.Initiator
-		var dev *iscsi.Dev
-		if dev, err = iscsi.Open(is); err == nil {
-			return dev, func() error {
-				cerr := dev.Close()
-				return errors.Join(cerr, p.c.Detach(context.WithoutCancel(ctx), a.ID))
-			}, nil
-		}
-	}
-	return nil, nil, errors.Join(err, p.c.Detach(context.WithoutCancel(ctx), a.ID))
-}
-
-// ioBlock is the unit of the copy; the last block of a file is padded
-// with zeroes (the LUN's block size divides it).
-const ioBlock = 1 << 20
-
-// write copies size bytes of r into volume id, then reads them back: the
-// generation is the sha256 of what the volume holds. It also returns the
-// md5 of the file (what Glance calls an image's checksum).
-func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int64) (string, string, error) {
-	dev, done, err := p.attached(ctx, id, openstack.ModeRW)
-	if err != nil {
-		return "", "", err
-	}
-	if dev.Size() < size {
-		done()
-		return "", "", fmt.Errorf("volume %s has %d bytes, the file %d", id, dev.Size(), size)
-	}
-	wsum, md := sha256.New(), md5.New()
-	bar := newProgress("write", size)
-	buf := make([]byte, ioBlock)
-	var off int64
-	for off < size {
-		if err := ctx.Err(); err != nil {
-			done()
-			return "", "", err
-		}
-		n := int(min(int64(len(buf)), size-off))
-		if _, err := io.ReadFull(r, buf[:n]); err != nil {
-			done()
-			return "", "", fmt.Errorf("reading the file at %d: %w", off, err)
-		}
-		wsum.Write(buf[:n])
-		md.Write(buf[:n])
-		w := (n + 4095) &^ 4095 // whole blocks; the pad is zeroes
-		clear(buf[n:w])
-		if _, err := dev.WriteAt(buf[:w], off); err != nil {
-			done()
-			return "", "", fmt.Errorf("writing volume %s at %d: %w", id, off, err)
-		}
-		off += int64(n)
-		bar.set(off)
-	}
-	bar.finish()
-	err = dev.Flush()
-	if err == nil {
-		err = done()
-	} else {
-		done()
-	}
-	if err != nil {
-		return "", "", fmt.Errorf("volume %s: %w", id, err)
-	}
-	rsum, _, err := p.readBack(ctx, id, size)
-	if err != nil {
-		return "", "", err
-	}
-	if want := "sha256:" + hex.EncodeToString(wsum.Sum(nil)); rsum != want {
-		return "", "", fmt.Errorf("volume %s reads back %s, the file is %s: the write did not land", id, rsum, want)
-	}
-	return rsum, hex.EncodeToString(md.Sum(nil)), nil
-}
-
-// readBack is the sha256 generation of volume id's first size bytes (-1:
-// the whole LUN), read through a read-only attachment, and that size.
-func (p *publisher) readBack(ctx context.Context, id string, size int64) (string, int64, error) {
-	dev, done, err := p.attached(ctx, id, openstack.ModeRO)
-	if err != nil {
-		return "", 0, err
-	}
-	if size < 0 {
-		size = dev.Size()
-	}
-	sum, err := hashDevice(ctx, dev, size, sha256.New())
-	if derr := done(); err == nil && derr != nil {
-		err = derr
-	}
-	if err != nil {
-		return "", 0, fmt.Errorf("reading volume %s back: %w", id, err)
-	}
-	return sum, size, nil
-}
-
-func hashDevice(ctx context.Context, dev *iscsi.Dev, size int64, h hash.Hash) (string, error) {
-	if dev.Size() < size {
-		return "", fmt.Errorf("the LUN has %d bytes, want %d", dev.Size(), size)
-	}
-	bar := newProgress("verify", size)
-	buf := make([]byte, ioBlock)
-	for off := int64(0); off < size; {
-		if err := ctx.Err(); err != nil {
-			return "", err
-		}
-		n := int(min(int64(len(buf)), size-off))
-		r := (n + 4095) &^ 4095
-		if int64(r) > dev.Size()-off {
-			r = int(dev.Size() - off)
-		}
-		if _, err := dev.ReadAt(buf[:r], off); err != nil {
-			return "", fmt.Errorf("at %d: %w", off, err)
-		}
-		h.Write(buf[:n])
-		off += int64(n)
-		bar.set(off)
-	}
-	bar.finish()
-	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// finish tags volume id as a template and makes it read-only.
-func (p *publisher) finish(ctx context.Context, id string, size int64, generation, imageID, checksum string) (api.Template, error) {
-	meta := map[string]string{
-		openstack.MetaTemplate:      "1",
-		openstack.MetaGeneration:    generation,
-		openstack.MetaImageID:       imageID,
-		openstack.MetaImageChecksum: checksum,
-		openstack.MetaChunkSize:     strconv.FormatInt(p.chunkSize, 10),
-		openstack.MetaSize:          strconv.FormatInt(size, 10),
-		"vmthunder_publishing":      "0",
-	}
-	if err := p.c.SetMetadata(ctx, id, meta); err != nil {
-		return api.Template{}, err
-	}
-	if err := p.c.SetReadOnly(ctx, id, true); err != nil {
-		return api.Template{}, err
-	}
-	if _, err := p.c.WaitStatus(ctx, id, publishTimeout, nil, "available", "in-use"); err != nil {
-		return api.Template{}, err
-	}
-	t, _, err := p.c.Template(ctx, id)
-	return t, err
 }
