@@ -183,11 +183,43 @@ func (d *Daemon) releaseTemplate(vol string) {
 		err = c.Detach(ctx, att.ID)
 	}
 	if err != nil {
-		// The next start deletes what this node left behind.
-		log.WithError(err).Warn("could not delete the template attachment; the next daemon start retries")
+		log.WithError(err).Warn("could not delete the template attachment; retrying (and the next daemon start deletes it)")
+		d.retryDetach(att.ID, log)
 		return
 	}
 	log.Info("template attachment deleted (no export of the template is left on this node)")
+}
+
+// retryDetach keeps deleting an attachment Cinder would not delete, while
+// the daemon runs (a stopping daemon leaves it to the next start).
+func (d *Daemon) retryDetach(id string, log *logrus.Entry) {
+	if d.ctx.Err() != nil {
+		return
+	}
+	// Close waits for d.wg after every API call (d.ops) is done, and
+	// releases made by Close itself stop above: this Add never races Wait.
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		for wait := 5 * time.Second; ; wait = min(2*wait, 5*time.Minute) {
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
+			c, err := d.cinder(ctx)
+			if err == nil {
+				err = c.Detach(ctx, id)
+			}
+			cancel()
+			if err == nil {
+				log.Info("template attachment deleted")
+				return
+			}
+			log.WithError(err).Debug("template attachment still not deleted")
+		}
+	}()
 }
 
 // templateConnInfo is the connection_info of vol's current attachment,
