@@ -332,7 +332,7 @@ func (d *Daemon) open(e *export) error {
 	if err := d.checkAccess(r); err != nil { // access.go: allowed_* config keys
 		return err
 	}
-	opts := d.options(r)
+	cowPath := r.CowPath
 	var cowDir *os.File // cowdir.go: the store is reached through its directory's descriptor
 	if r.Mode == api.ModeCOW {
 		var err error
@@ -340,12 +340,12 @@ func (d *Daemon) open(e *export) error {
 			return err
 		}
 		defer cowDir.Close()
-		opts.CowPath = procPath(cowDir, filepath.Base(r.CowPath))
+		cowPath = procPath(cowDir, filepath.Base(r.CowPath))
 	}
 	var ex *stack.Export
 	err := d.withTemplate(r, func() (err error) {
-		o := d.options(r) // with the template's attachment
-		o.CowPath = opts.CowPath
+		o := d.options(r) // a template's, with its attachment held
+		o.CowPath = cowPath
 		ex, err = stack.Build(o)
 		return err
 	})
