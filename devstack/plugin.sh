@@ -242,8 +242,7 @@ function start_vmthunder {
     run_process vmthunder "$VMTHUNDER_INSTALLED_BIN daemon --config $VMTHUNDER_CONF" "" root
     # nova-compute starts after this phase and asks the sidecar for this
     # node's initiator: wait until the API answers.
-    local i
-    for i in $(seq 1 "${SERVICE_TIMEOUT:-60}"); do
+    for _ in $(seq 1 "${SERVICE_TIMEOUT:-60}"); do
         if sudo "$VMTHUNDER_INSTALLED_BIN" --socket "$VMTHUNDER_API_SOCKET" status >/dev/null 2>&1; then
             return 0
         fi
