@@ -183,6 +183,16 @@ func storeFileOK(p, name string, st *unix.Stat_t) error {
 	return nil
 }
 
+// renamedErr shows an error about the store's descriptor path with the
+// cow_path the caller gave; errors.Is and As still see the cause.
+type renamedErr struct {
+	err      error
+	from, to string
+}
+
+func (e renamedErr) Error() string { return strings.ReplaceAll(e.err.Error(), e.from, e.to) }
+func (e renamedErr) Unwrap() error { return e.err }
+
 // procPath names NAME in dir through the daemon's open descriptor.
 func procPath(dir *os.File, name string) string {
 	return fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), name)

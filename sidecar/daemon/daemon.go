@@ -355,6 +355,9 @@ func (d *Daemon) open(e *export) error {
 			d.mset.Forget(r.ID)
 		}
 	}
+	if err != nil && cowPath != r.CowPath {
+		err = renamedErr{err, cowPath, r.CowPath} // cowdir.go
+	}
 	if err != nil {
 		return err
 	}
