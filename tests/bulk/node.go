@@ -209,6 +209,59 @@ func (d *Daemon) Peers() (*api.Peers, error) {
 	return d.API.Peers(ctx)
 }
 
+// MetricBy is a metric's samples whose labels contain filter, summed by
+// the value of label (e.g. bytes by peer).
+func (d *Daemon) MetricBy(name, filter, label string) (map[string]float64, error) {
+	out := map[string]float64{}
+	lines, err := d.metricLines(name)
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range lines {
+		if !strings.Contains(l, filter) {
+			continue
+		}
+		_, after, ok := strings.Cut(l, label+`="`)
+		if !ok {
+			continue
+		}
+		key, _, _ := strings.Cut(after, `"`)
+		f := strings.Fields(l)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric line %q: %w", l, err)
+		}
+		out[key] += v
+	}
+	return out, nil
+}
+
+// metricLines are the sample lines of metric name.
+func (d *Daemon) metricLines(name string) ([]string, error) {
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", d.sock)
+		}}}
+	resp, err := hc.Get("http://vmthunder/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
+	}
+	var lines []string
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if rest, ok := strings.CutPrefix(l, name); ok && rest != "" && (rest[0] == '{' || rest[0] == ' ') {
+			lines = append(lines, l)
+		}
+	}
+	return lines, sc.Err()
+}
+
 // CPUSeconds is the CPU time the daemon has used (user and system).
 func (d *Daemon) CPUSeconds() float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
@@ -234,29 +287,14 @@ func (d *Daemon) Metric(name string) (float64, error) { return d.MetricWhere(nam
 // MetricWhere is Metric over the samples whose labels contain label
 // (e.g. `outcome="ok"`).
 func (d *Daemon) MetricWhere(name, label string) (float64, error) {
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", d.sock)
-		}}}
-	resp, err := hc.Get("http://vmthunder/metrics")
+	lines, err := d.metricLines(name)
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
 	var sum float64
 	found := false
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if !strings.HasPrefix(l, name) {
-			continue
-		}
-		rest := l[len(name):]
-		if rest == "" || (rest[0] != '{' && rest[0] != ' ') || !strings.Contains(rest, label) {
+	for _, l := range lines {
+		if !strings.Contains(l[len(name):], label) {
 			continue
 		}
 		f := strings.Fields(l)
@@ -270,5 +308,5 @@ func (d *Daemon) MetricWhere(name, label string) (float64, error) {
 	if !found {
 		return 0, fmt.Errorf("metric %s not exported by %s", name, d.Name)
 	}
-	return sum, sc.Err()
+	return sum, nil
 }

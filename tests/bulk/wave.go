@@ -224,6 +224,9 @@ type NodeResult struct {
 	FetchOKMeanMS float64 `json:"peer_fetch_ok_mean_ms"`
 	FetchTimeouts float64 `json:"peer_fetch_timeouts"`
 	CPUSeconds    float64 `json:"daemon_cpu_s"`
+	// ServedTo is the chunk bytes this node served, by member
+	// (vmthunder_peer_member_bytes_total).
+	ServedTo map[string]float64 `json:"served_to,omitempty"`
 }
 
 // Wave is what one wave showed.
@@ -435,6 +438,7 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 			if sum, err := d.MetricWhere("vmthunder_peer_fetch_duration_seconds_sum", `outcome="ok"`); err == nil && nr.FetchOK > 0 {
 				nr.FetchOKMeanMS = sum / nr.FetchOK * 1000
 			}
+			nr.ServedTo, _ = d.MetricBy("vmthunder_peer_member_bytes_total", `direction="served"`, "peer")
 			nr.FetchTimeouts, _ = d.MetricWhere("vmthunder_peer_fetch_duration_seconds_count", `outcome="timeout"`)
 		}
 	}
