@@ -135,6 +135,9 @@ pip_install() { log pip_install "$@"; }
 run_process() {  # a systemd unit devstack@$1: $2 as user $4 (default STACK_USER), group $3
     local service=$1 command=$2 group=$3 user=${4:-$STACK_USER}
     is_service_enabled "$service" || return 0
+    # _common_systemd_pitfalls
+    [[ "$command" =~ sudo ]] && die $LINENO "You are trying to use run_process with sudo"
+    [[ "$command" =~ ^/ ]] || die $LINENO "The cmd=\"$command\" does not start with an absolute path"
     log run_process "$service" "user=$user" "group=$group" "$command"
     if [[ ",$MODEL_STARTS," == *",$service,"* ]]; then
         $command >"$WORK/$service.log" 2>&1 </dev/null &
