@@ -360,3 +360,31 @@ func TestAccessAPISocketDefault(t *testing.T) {
 		t.Errorf("api socket in nbd_socket_dir: %v", err)
 	}
 }
+
+// An allowed_cow_dirs entry outside state_dir belongs to its owner (Nova's
+// instances directory): the daemon starts without it and makes nothing
+// there; a store in it is refused until it exists, then accepted.
+func TestForeignCowDirMissingAtStart(t *testing.T) {
+	var inst string
+	e := newEnv(t, func(c *config.Config) {
+		inst = filepath.Join(filepath.Dir(c.StateDir), "instances")
+		c.AllowedCowDirs = []string{inst}
+	})
+	if _, err := os.Lstat(inst); !os.IsNotExist(err) {
+		t.Fatalf("the daemon made %s (%v): only its own directories are made", inst, err)
+	}
+	if !strings.Contains(e.log.String(), "stores there are refused until it exists") {
+		t.Errorf("no warning about the missing directory in the log:\n%s", e.log.String())
+	}
+	img, _ := e.image("a.raw", 1<<20)
+	c := ctx(t)
+	if _, err := e.c.Create(c, api.CreateRequest{ID: "a", Origin: img, Mode: api.ModeCOW, CowPath: filepath.Join(inst, "a.img")}); err == nil {
+		t.Fatal("a store in a missing allowed directory was created")
+	}
+	if err := os.Mkdir(inst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.Create(c, api.CreateRequest{ID: "a", Origin: img, Mode: api.ModeCOW, CowPath: filepath.Join(inst, "a.img")}); err != nil {
+		t.Fatalf("store in the allowed directory once it exists: %v", err)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -115,6 +116,16 @@ func New(cfg *config.Config, log *logrus.Logger) (*Daemon, error) {
 		return nil, fmt.Errorf("state_dir: %w", err)
 	}
 	for _, dir := range cfg.AllowedCowDirs { // state_dir/cow by default
+		// Only our own directories are made here. Another one (Nova's
+		// instances directory) belongs to its owner, who may remove or
+		// replace it at any time: a missing one refuses its stores (the
+		// create walk checks every component), it does not stop the daemon.
+		if rel, err := filepath.Rel(cfg.StateDir, dir); err != nil || strings.HasPrefix(rel, "..") {
+			if _, err := os.Lstat(dir); err != nil {
+				log.WithField("dir", dir).Warnf("allowed_cow_dirs: %v: stores there are refused until it exists", err)
+			}
+			continue
+		}
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("allowed_cow_dirs: %w", err)
 		}
