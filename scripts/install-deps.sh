@@ -18,14 +18,14 @@ apt-get install -y -q --no-install-recommends \
   nbdkit libnbd-bin python3-libnbd fio \
   busybox-static linux-image-amd64 e2fsprogs cpio \
   iproute2 prometheus procps psmisc util-linux sudo curl passwd \
-  python3 python3-venv python3-dev rabbitmq-server sqlite3
+  python3 python3-venv python3-dev rabbitmq-server mariadb-server
 
 # libvirt runs QEMU as libvirt-qemu; it has to be able to reach sockets in
 # the group the daemon hands them to.
 getent group libvirt-qemu >/dev/null || true
 
-# The Debian package starts a system RabbitMQ where it can; the tests run
-# their own private node (tests/openstack) and do not need it.
+# The Debian packages start a system RabbitMQ and MariaDB where they can; the
+# tests run their own private instances (tests/openstack) and need neither.
 
 # Python packages (pytest, ruff, Nova, Cinder, Glance, Placement, os-brick,
 # libvirt-python built against libvirt-dev) go into the venv `make venv`

@@ -1,5 +1,7 @@
 """A real one-node Cinder (and Glance) for tests.
 
+RabbitMQ, MariaDB and tgtd are private instances under the workdir.
+
     python -m tests.openstack.cinder up --workdir D [--no-glance]
         starts RabbitMQ, tgtd, glance-api, cinder-api, cinder-scheduler and
         cinder-volume under D and prints one JSON line (see Cloud.info);
@@ -16,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import uuid
 if not __package__:  # run as a script path, not with -m from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.openstack import procs  # noqa: E402
+from tests.openstack import db, procs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
@@ -166,8 +167,9 @@ class Tgtd:
 
 
 class Cinder:
-    def __init__(self, workdir, transport_url, tgt, glance_url=None):
+    def __init__(self, workdir, transport_url, tgt, db_url, glance_url=None):
         self.dir = os.path.join(workdir, "cinder")
+        self.db_url = db_url
         self.conf = os.path.join(self.dir, "cinder.conf")
         self.transport_url = transport_url
         self.tgt = tgt
@@ -206,10 +208,17 @@ api_paste_config = {VENV}/etc/cinder/api-paste.ini
 resource_query_filters_file = {VENV}/etc/cinder/resource_filters.json
 rootwrap_config = {VENV}/etc/cinder/rootwrap.conf
 enabled_backends = file
+# Tests make as many volumes as they like.
+quota_volumes = -1
+quota_snapshots = -1
+quota_gigabytes = -1
+quota_backups = -1
+quota_backup_gigabytes = -1
+quota_groups = -1
 image_conversion_dir = {d}/state/conversion
 {glance}
 [database]
-connection = sqlite:///{d}/cinder.sqlite
+connection = {self.db_url}
 
 [oslo_concurrency]
 lock_path = {d}/lock
@@ -253,11 +262,6 @@ use_chap_auth = true
         )
         if r.returncode != 0:
             raise RuntimeError(f"cinder-manage db sync: {r.stderr[-2000:]}")
-        # Three services write one sqlite file. In its default rollback
-        # journal a reader about to write fails at once ("database is
-        # locked") instead of waiting; in WAL mode writers wait their turn.
-        with sqlite3.connect(os.path.join(self.dir, "cinder.sqlite")) as db:
-            db.execute("PRAGMA journal_mode=WAL")
 
     def start(self):
         for svc in ("cinder-api", "cinder-scheduler", "cinder-volume"):
@@ -344,6 +348,10 @@ class Cloud:
             transport_url = rabbit.url
             self._save(state)
 
+        mariadb = db.MariaDB(self.workdir)
+        state["groups"]["mariadb"] = mariadb.start()
+        self._save(state)
+
         tgt = Tgtd(self.workdir)
         state["tgtd_control"] = tgt.control
         state["groups"]["tgtd"] = tgt.start()
@@ -357,7 +365,9 @@ class Cloud:
             state["groups"]["glance-api"] = g.start()
             self._save(state)
 
-        cinder = Cinder(self.workdir, transport_url, tgt, glance_url=g.url if g else None)
+        mariadb.wait()
+        db_url = mariadb.create("cinder")
+        cinder = Cinder(self.workdir, transport_url, tgt, db_url, glance_url=g.url if g else None)
         cinder.write_config()
         cinder.db_sync()  # overlaps RabbitMQ's and Glance's start (several seconds)
         if rabbit:
@@ -384,6 +394,7 @@ class Cloud:
             "iscsi_portal": f"127.0.0.1:{tgt.portal_port}",
             "tgtd_control_port": tgt.control,
             "cinder_conf": cinder.conf,
+            "database_url": db_url,
             "glance_endpoint": g.url if g else None,
         }
         state["info"] = self.info
@@ -416,7 +427,7 @@ def down(workdir, keep=False):
     except FileNotFoundError:
         state = {"groups": {}}
     groups = state.get("groups", {})
-    order = ["cinder-api", "cinder-volume", "cinder-scheduler", "glance-api", "rabbitmq", "tgtd"]
+    order = ["cinder-api", "cinder-volume", "cinder-scheduler", "glance-api", "mariadb", "rabbitmq", "tgtd"]
     for name in order + [n for n in groups if n not in order]:
         pid = groups.get(name)
         if pid:
