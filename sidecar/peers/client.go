@@ -165,6 +165,17 @@ func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) er
 // MaxTraceBytes; not decoded here). A peer without one answers 404: a
 // FetchError with Status 404.
 func (c *Client) FetchTrace(ctx context.Context, peer Peer, key BaseKey) ([]byte, error) {
+	return c.fetchFile(ctx, peer, key, tracePath, "trace", MaxTraceBytes)
+}
+
+// FetchManifest asks peer for the manifest file of base key (at most
+// MaxManifestBytes). It is neither parsed nor trusted here: the caller
+// checks its root against one that did not come from a peer.
+func (c *Client) FetchManifest(ctx context.Context, peer Peer, key BaseKey) ([]byte, error) {
+	return c.fetchFile(ctx, peer, key, manifestPath, "manifest", MaxManifestBytes)
+}
+
+func (c *Client) fetchFile(ctx context.Context, peer Peer, key BaseKey, path, what string, limit int64) ([]byte, error) {
 	fail := func(status int, unavailable bool, err error) error {
 		return &FetchError{Peer: peer.Name, Status: status, Unavailable: unavailable, Err: err}
 	}
@@ -174,9 +185,9 @@ func (c *Client) FetchTrace(ctx context.Context, peer Peer, key BaseKey) ([]byte
 	if err := key.validate(); err != nil {
 		return nil, fail(0, false, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, max(c.opts.Timeout, fileTimeout))
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+tracePath+"?"+key.query(), nil)
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+path+"?"+key.query(), nil)
 	if err != nil {
 		return nil, fail(0, false, err)
 	}
@@ -189,15 +200,19 @@ func (c *Client) FetchTrace(ctx context.Context, peer Peer, key BaseKey) ([]byte
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return nil, fail(resp.StatusCode, resp.StatusCode == http.StatusServiceUnavailable, errors.New(strings.TrimSpace(string(msg))))
 	}
-	if resp.ContentLength > MaxTraceBytes {
-		return nil, fail(resp.StatusCode, false, fmt.Errorf("trace of %d bytes: the limit is %d", resp.ContentLength, MaxTraceBytes))
+	if resp.ContentLength > limit {
+		return nil, fail(resp.StatusCode, false, fmt.Errorf("%s of %d bytes: the limit is %d", what, resp.ContentLength, limit))
 	}
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, MaxTraceBytes+1))
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
 	if err != nil {
-		return nil, fail(resp.StatusCode, true, fmt.Errorf("read trace: %w", err))
+		return nil, fail(resp.StatusCode, true, fmt.Errorf("read %s: %w", what, err))
 	}
-	if len(raw) > MaxTraceBytes {
-		return nil, fail(resp.StatusCode, false, fmt.Errorf("trace larger than %d bytes", MaxTraceBytes))
+	if int64(len(raw)) > limit {
+		return nil, fail(resp.StatusCode, false, fmt.Errorf("%s larger than %d bytes", what, limit))
 	}
 	return raw, nil
 }
+
+// fileTimeout bounds a trace or manifest request at least (a manifest of
+// a large base is megabytes, more than a chunk's timeout allows).
+const fileTimeout = 30 * time.Second

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -206,4 +207,75 @@ func ComputeManifest(ctx context.Context, dev blockdev.Device, chunk int64) (*Ma
 		return nil, firstErr
 	}
 	return m, nil
+}
+
+// MaxManifestBytes is the largest manifest file (maxManifestChunks
+// digests and the header): what a manifest fetched from a peer or read
+// from a volume is bounded by.
+const MaxManifestBytes = manifestHeader + maxManifestChunks*sha256.Size
+
+// ManifestFileSize reads a manifest file's header (its first 24 bytes at
+// least) and returns the whole file's length, so a reader of a device
+// that holds one (a manifest volume, padded to blocks) knows where it
+// ends. The geometry is checked as ParseManifest checks it.
+func ManifestFileSize(head []byte) (int64, error) {
+	if len(head) < manifestHeader || string(head[:8]) != manifestMagic {
+		return 0, fmt.Errorf("%w: not a manifest (no %s header)", ErrManifest, manifestMagic)
+	}
+	size, chunk := int64(binary.BigEndian.Uint64(head[8:])), int64(binary.BigEndian.Uint64(head[16:]))
+	if err := checkGeometry(size, chunk); err != nil {
+		return 0, err
+	}
+	return manifestHeader + chunksOf(size, chunk)*sha256.Size, nil
+}
+
+// ManifestWriter makes a manifest from the bytes of a base written to it
+// in order (an io.Writer), so a publisher that reads a volume back for
+// another reason digests its chunks in the same pass.
+type ManifestWriter struct {
+	m    *Manifest
+	h    hash.Hash
+	c    int64 // the chunk being hashed
+	left int64 // its bytes still to come
+}
+
+// NewManifestWriter expects size bytes, in chunks of chunk bytes.
+func NewManifestWriter(size, chunk int64) (*ManifestWriter, error) {
+	if err := checkGeometry(size, chunk); err != nil {
+		return nil, err
+	}
+	m := &Manifest{Size: size, ChunkSize: chunk, sums: make([][sha256.Size]byte, chunksOf(size, chunk))}
+	_, first := m.Span(0)
+	return &ManifestWriter{m: m, h: sha256.New(), left: first}, nil
+}
+
+// Write digests the next len(p) bytes of the base; bytes past its size
+// are an error.
+func (w *ManifestWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		if w.c >= w.m.Chunks() {
+			return n, fmt.Errorf("%w: more than the base's %d bytes written", ErrManifest, w.m.Size)
+		}
+		k := min(int64(len(p)), w.left)
+		w.h.Write(p[:k])
+		p, n, w.left = p[k:], n+int(k), w.left-k
+		if w.left == 0 {
+			w.h.Sum(w.m.sums[w.c][:0])
+			w.h.Reset()
+			if w.c++; w.c < w.m.Chunks() {
+				_, w.left = w.m.Span(w.c)
+			}
+		}
+	}
+	return n, nil
+}
+
+// Manifest is the result, once every byte of the base was written.
+func (w *ManifestWriter) Manifest() (*Manifest, error) {
+	if w.c < w.m.Chunks() {
+		off, _ := w.m.Span(w.c)
+		return nil, fmt.Errorf("%w: %d of the base's %d bytes written", ErrManifest, off, w.m.Size)
+	}
+	return w.m, nil
 }

@@ -54,8 +54,9 @@ type Request struct {
 }
 
 const (
-	chunkPath = "/v1/chunk"
-	tracePath = "/v1/trace"
+	chunkPath    = "/v1/chunk"
+	tracePath    = "/v1/trace"
+	manifestPath = "/v1/manifest"
 )
 
 // MaxTraceBytes bounds a boot trace file asked from a peer (as
@@ -132,6 +133,10 @@ type ServerOptions struct {
 	// Trace, when set, is the boot trace file of an open base (GET
 	// /v1/trace); an error wrapping os.ErrNotExist when it has none.
 	Trace func(key BaseKey) ([]byte, error)
+	// Manifest, when set, is the manifest file of an open base (GET
+	// /v1/manifest), which an asker verifies against a root it trusts; an
+	// error wrapping os.ErrNotExist when the base has none.
+	Manifest func(key BaseKey) ([]byte, error)
 	// Traffic, when set, counts the chunk bytes served to each member.
 	Traffic *Traffic
 }
@@ -157,7 +162,7 @@ type Server struct {
 	bases map[string]*servedBase
 
 	requests, served, refused, failed atomic.Uint64
-	corrupt                           atomic.Bool
+	corrupt, corruptManifests         atomic.Bool
 	bufs                              sync.Map // int64 -> *sync.Pool of []byte
 
 	srvMu sync.Mutex
@@ -228,6 +233,10 @@ func (s *Server) Bases() []BaseKey {
 // has one byte flipped.
 func (s *Server) SetCorrupt(on bool) { s.corrupt.Store(on) }
 
+// SetCorruptManifests is a test-only fault switch: every manifest served
+// afterwards has one byte flipped.
+func (s *Server) SetCorruptManifests(on bool) { s.corruptManifests.Store(on) }
+
 // Stats returns the counters.
 func (s *Server) Stats() ServerStats {
 	return ServerStats{Requests: s.requests.Load(), BytesServed: s.served.Load(), Refused: s.refused.Load(), Failed: s.failed.Load()}
@@ -241,8 +250,12 @@ func (s *Server) refuse(w http.ResponseWriter, code int, format string, args ...
 // ServeHTTP answers GET /v1/chunk?base=&template=&generation=&chunk_size=&index=
 // with the chunk's bytes.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path == tracePath {
-		s.serveTrace(w, r)
+	switch r.URL.Path {
+	case tracePath:
+		s.serveFile(w, r, "trace", s.opts.Trace, MaxTraceBytes, nil)
+		return
+	case manifestPath:
+		s.serveFile(w, r, "manifest", s.opts.Manifest, MaxManifestBytes, &s.corruptManifests)
 		return
 	}
 	if r.URL.Path != chunkPath {
@@ -317,11 +330,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// serveTrace answers GET /v1/trace?base=&template=&generation= with the
-// boot trace file of a base open here, under the same checks as a chunk
-// (a client certificate of the cluster, the base open here as exactly
-// that template generation).
-func (s *Server) serveTrace(w http.ResponseWriter, r *http.Request) {
+// serveFile answers GET /v1/trace or /v1/manifest ?base=&template=&generation=
+// with that file of a base open here (read by file, at most limit bytes),
+// under the same checks as a chunk: a client certificate of the cluster,
+// the base open here as exactly that template generation. corrupt, when
+// set and on, flips a byte of the answer (a test fault).
+func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, what string, file func(BaseKey) ([]byte, error), limit int, corrupt *atomic.Bool) {
 	if r.Method != http.MethodGet {
 		s.refuse(w, http.StatusMethodNotAllowed, "GET only")
 		return
@@ -332,34 +346,38 @@ func (s *Server) serveTrace(w http.ResponseWriter, r *http.Request) {
 	}
 	q, err := parseQuery(r.URL.RawQuery)
 	if err != nil {
-		s.refuse(w, http.StatusBadRequest, "bad trace request: %v", err)
+		s.refuse(w, http.StatusBadRequest, "bad %s request: %v", what, err)
 		return
 	}
 	key, err := parseKey(q)
 	if err != nil {
-		s.refuse(w, http.StatusBadRequest, "bad trace request: %v", err)
+		s.refuse(w, http.StatusBadRequest, "bad %s request: %v", what, err)
 		return
 	}
 	s.mu.RLock()
 	b := s.bases[key.ID]
 	s.mu.RUnlock()
-	if b == nil || b.key != key || s.opts.Trace == nil {
+	if b == nil || b.key != key || file == nil {
 		s.refuse(w, http.StatusNotFound, "base %s (template %s generation %s) is not open here", key.ID, key.Template, key.Generation)
 		return
 	}
-	raw, err := s.opts.Trace(key)
+	raw, err := file(key)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		s.refuse(w, http.StatusNotFound, "base %s has no boot trace here", key.ID)
+		s.refuse(w, http.StatusNotFound, "base %s has no %s here", key.ID, what)
 		return
 	case err != nil:
 		s.failed.Add(1)
-		http.Error(w, fmt.Sprintf("trace of %s: %v", key.ID, err), http.StatusServiceUnavailable)
+		http.Error(w, fmt.Sprintf("%s of %s: %v", what, key.ID, err), http.StatusServiceUnavailable)
 		return
-	case len(raw) > MaxTraceBytes:
+	case len(raw) > limit:
 		s.failed.Add(1)
-		http.Error(w, "trace too large", http.StatusServiceUnavailable)
+		http.Error(w, what+" too large", http.StatusServiceUnavailable)
 		return
+	}
+	if corrupt != nil && corrupt.Load() && len(raw) > 0 {
+		raw = append([]byte(nil), raw...)
+		raw[len(raw)-1] ^= 0x5a
 	}
 	if err := WaitBytes(r.Context(), s.opts.ServeLimit, len(raw)); err != nil {
 		return

@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 	"strconv"
@@ -22,6 +21,7 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/openstack"
 	"github.com/vmthunder/vmthunder/sidecar/origin"
 	"github.com/vmthunder/vmthunder/sidecar/origin/iscsi"
+	"github.com/vmthunder/vmthunder/sidecar/peers"
 )
 
 // Timeout bounds each wait for Cinder (a volume made from an image is
@@ -103,19 +103,23 @@ func (p *publisher) fromFile(ctx context.Context, path, name, imageID string) (a
 	}
 	p.say("volume %s (%d GiB, type %s) created; waiting for it", v.ID, gib, p.volumeType)
 	var t api.Template
+	var mvol string
 	err = func() error {
 		if _, err := p.c.WaitStatus(ctx, v.ID, Timeout, nil, "available"); err != nil {
 			return err
 		}
-		sum, checksum, err := p.write(ctx, v.ID, f, size)
+		sum, checksum, man, err := p.write(ctx, v.ID, f, size)
 		if err != nil {
 			return err
 		}
-		t, err = p.finish(ctx, v.ID, size, sum, imageID, checksum)
+		if mvol, err = p.storeManifest(ctx, v.ID, name, man); err != nil {
+			return err
+		}
+		t, err = p.finish(ctx, v.ID, size, sum, imageID, checksum, man.Root(), mvol)
 		return err
 	}()
 	if err != nil {
-		return api.Template{}, p.failed(v.ID, err)
+		return api.Template{}, p.failed(err, v.ID, mvol)
 	}
 	return t, nil
 }
@@ -133,6 +137,7 @@ func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) 
 	}
 	p.say("volume %s (%d GiB) is being created from image %s by cinder-volume", v.ID, gib, image)
 	var t api.Template
+	var mvol string
 	err = func() error {
 		last := ""
 		v, err := p.c.WaitStatus(ctx, v.ID, Timeout, func(s string) {
@@ -145,8 +150,11 @@ func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) 
 			return err
 		}
 		// The content is the whole LUN, as every export of it shows it.
-		sum, size, err := p.readBack(ctx, v.ID, -1)
+		sum, size, man, err := p.readBack(ctx, v.ID, -1)
 		if err != nil {
+			return err
+		}
+		if mvol, err = p.storeManifest(ctx, v.ID, v.Name, man); err != nil {
 			return err
 		}
 		// --image may name the image; Cinder records its id.
@@ -154,24 +162,34 @@ func (p *publisher) fromImage(ctx context.Context, image, name string, gib int) 
 		if got := v.VolumeImageMetadata["image_id"]; got != "" {
 			id = got
 		}
-		t, err = p.finish(ctx, v.ID, size, sum, id, v.VolumeImageMetadata["checksum"])
+		t, err = p.finish(ctx, v.ID, size, sum, id, v.VolumeImageMetadata["checksum"], man.Root(), mvol)
 		return err
 	}()
 	if err != nil {
-		return api.Template{}, p.failed(v.ID, err)
+		return api.Template{}, p.failed(err, v.ID, mvol)
 	}
 	return t, nil
 }
 
-// failed deletes a half-published volume (unless asked to keep it).
-func (p *publisher) failed(id string, err error) error {
+// failed deletes half-published volumes (unless asked to keep them):
+// the template and its manifest volume, if made.
+func (p *publisher) failed(err error, ids ...string) error {
+	for _, id := range ids {
+		if id != "" {
+			err = p.dropVolume(err, id)
+		}
+	}
+	return err
+}
+
+func (p *publisher) dropVolume(err error, id string) error {
 	if p.keep {
 		return fmt.Errorf("%w (volume %s kept: --keep-on-error)", err, id)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if _, werr := p.c.WaitStatus(ctx, id, time.Minute, nil, "available", "error"); werr == nil || openstack.IsNotFound(werr) {
-		if derr := p.c.DeleteVolume(ctx, id); derr != nil {
+		if derr := p.c.DeleteVolume(ctx, id); derr != nil && !openstack.IsNotFound(derr) {
 			return fmt.Errorf("%w (and deleting volume %s: %v)", err, id, derr)
 		}
 		return fmt.Errorf("%w (volume %s deleted)", err, id)
@@ -209,14 +227,14 @@ const ioBlock = 1 << 20
 // write copies size bytes of r into volume id, then reads them back: the
 // generation is the sha256 of what the volume holds. It also returns the
 // md5 of the file (what Glance calls an image's checksum).
-func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int64) (string, string, error) {
+func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int64) (string, string, *peers.Manifest, error) {
 	dev, done, err := p.attached(ctx, id, openstack.ModeRW)
 	if err != nil {
-		return "", "", err
+		return "", "", nil, err
 	}
 	if dev.Size() < size {
 		done()
-		return "", "", fmt.Errorf("volume %s has %d bytes, the file %d", id, dev.Size(), size)
+		return "", "", nil, fmt.Errorf("volume %s has %d bytes, the file %d", id, dev.Size(), size)
 	}
 	wsum, md := sha256.New(), md5.New()
 	p.progress("write", 0, size)
@@ -225,12 +243,12 @@ func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int6
 	for off < size {
 		if err := ctx.Err(); err != nil {
 			done()
-			return "", "", err
+			return "", "", nil, err
 		}
 		n := int(min(int64(len(buf)), size-off))
 		if _, err := io.ReadFull(r, buf[:n]); err != nil {
 			done()
-			return "", "", fmt.Errorf("reading the file at %d: %w", off, err)
+			return "", "", nil, fmt.Errorf("reading the file at %d: %w", off, err)
 		}
 		wsum.Write(buf[:n])
 		md.Write(buf[:n])
@@ -238,7 +256,7 @@ func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int6
 		clear(buf[n:w])
 		if _, err := dev.WriteAt(buf[:w], off); err != nil {
 			done()
-			return "", "", fmt.Errorf("writing volume %s at %d: %w", id, off, err)
+			return "", "", nil, fmt.Errorf("writing volume %s at %d: %w", id, off, err)
 		}
 		off += int64(n)
 		p.progress("write", off, size)
@@ -250,73 +268,202 @@ func (p *publisher) write(ctx context.Context, id string, r io.Reader, size int6
 		done()
 	}
 	if err != nil {
-		return "", "", fmt.Errorf("volume %s: %w", id, err)
+		return "", "", nil, fmt.Errorf("volume %s: %w", id, err)
 	}
-	rsum, _, err := p.readBack(ctx, id, size)
+	rsum, _, man, err := p.readBack(ctx, id, size)
 	if err != nil {
-		return "", "", err
+		return "", "", nil, err
 	}
 	if want := "sha256:" + hex.EncodeToString(wsum.Sum(nil)); rsum != want {
-		return "", "", fmt.Errorf("volume %s reads back %s, the file is %s: the write did not land", id, rsum, want)
+		return "", "", nil, fmt.Errorf("volume %s reads back %s, the file is %s: the write did not land", id, rsum, want)
 	}
-	return rsum, hex.EncodeToString(md.Sum(nil)), nil
+	return rsum, hex.EncodeToString(md.Sum(nil)), man, nil
 }
 
-// readBack is the sha256 generation of volume id's first size bytes (-1:
-// the whole LUN), read through a read-only attachment, and that size.
-func (p *publisher) readBack(ctx context.Context, id string, size int64) (string, int64, error) {
+// readBack reads volume id whole through a read-only attachment: the
+// sha256 generation of its first size bytes (-1: the whole LUN), that
+// size, and the peers manifest of the whole LUN (what a node's base of
+// the template holds) in chunks of the template's chunk size.
+func (p *publisher) readBack(ctx context.Context, id string, size int64) (string, int64, *peers.Manifest, error) {
 	dev, done, err := p.attached(ctx, id, openstack.ModeRO)
 	if err != nil {
-		return "", 0, err
+		return "", 0, nil, err
 	}
 	if size < 0 {
 		size = dev.Size()
 	}
-	sum, err := p.hashDevice(ctx, dev, size, sha256.New())
+	sum, man, err := p.hashDevice(ctx, dev, size)
 	if derr := done(); err == nil && derr != nil {
 		err = derr
 	}
 	if err != nil {
-		return "", 0, fmt.Errorf("reading volume %s back: %w", id, err)
+		return "", 0, nil, fmt.Errorf("reading volume %s back: %w", id, err)
 	}
-	return sum, size, nil
+	return sum, size, man, nil
 }
 
-func (p *publisher) hashDevice(ctx context.Context, dev *iscsi.Dev, size int64, h hash.Hash) (string, error) {
-	if dev.Size() < size {
-		return "", fmt.Errorf("the LUN has %d bytes, want %d", dev.Size(), size)
+// hashDevice reads all of dev once: the generation hashes its first size
+// bytes, the manifest every byte.
+func (p *publisher) hashDevice(ctx context.Context, dev *iscsi.Dev, size int64) (string, *peers.Manifest, error) {
+	total := dev.Size()
+	if total < size {
+		return "", nil, fmt.Errorf("the LUN has %d bytes, want %d", total, size)
 	}
-	p.progress("verify", 0, size)
+	mw, err := peers.NewManifestWriter(total, p.chunkSize)
+	if err != nil {
+		return "", nil, err
+	}
+	h := sha256.New()
+	p.progress("verify", 0, total)
 	buf := make([]byte, ioBlock)
-	for off := int64(0); off < size; {
+	for off := int64(0); off < total; {
 		if err := ctx.Err(); err != nil {
-			return "", err
+			return "", nil, err
 		}
-		n := int(min(int64(len(buf)), size-off))
-		r := (n + 4095) &^ 4095
-		if int64(r) > dev.Size()-off {
-			r = int(dev.Size() - off)
+		n := min(int64(len(buf)), total-off)
+		if _, err := dev.ReadAt(buf[:n], off); err != nil {
+			return "", nil, fmt.Errorf("at %d: %w", off, err)
 		}
-		if _, err := dev.ReadAt(buf[:r], off); err != nil {
-			return "", fmt.Errorf("at %d: %w", off, err)
+		if off < size {
+			h.Write(buf[:min(n, size-off)])
 		}
-		h.Write(buf[:n])
-		off += int64(n)
-		p.progress("verify", off, size)
+		mw.Write(buf[:n])
+		off += n
+		p.progress("verify", off, total)
 	}
-	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
+	man, err := mw.Manifest()
+	if err != nil {
+		return "", nil, err
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil)), man, nil
+}
+
+// storeManifest keeps the manifest where a node can read it without
+// trusting a peer: a small companion volume "<name>.manifest" of the
+// template's type, tagged vmthunder_manifest_of, holding the manifest
+// file from offset 0 (zero-padded to a block), read back and checked, and
+// made read-only. It returns the companion's id.
+func (p *publisher) storeManifest(ctx context.Context, template, name string, man *peers.Manifest) (string, error) {
+	raw, _ := man.MarshalBinary()
+	if name == "" {
+		name = template
+	}
+	gib := int((int64(len(raw)) + 1<<30 - 1) >> 30)
+	v, err := p.c.CreateVolume(ctx, openstack.CreateOpts{Name: name + ".manifest", SizeGiB: gib, VolumeType: p.volumeType,
+		Metadata: map[string]string{openstack.MetaManifestOf: template, "vmthunder_publishing": "1"}})
+	if err != nil {
+		return "", err
+	}
+	p.say("manifest of %d chunks (root %s) goes to volume %s", man.Chunks(), man.Root(), v.ID)
+	err = func() error {
+		if _, err := p.c.WaitStatus(ctx, v.ID, Timeout, nil, "available"); err != nil {
+			return err
+		}
+		dev, done, err := p.attached(ctx, v.ID, openstack.ModeRW)
+		if err != nil {
+			return err
+		}
+		buf := make([]byte, (len(raw)+4095)&^4095)
+		copy(buf, raw)
+		_, err = dev.WriteAt(buf, 0)
+		if err == nil {
+			err = dev.Flush()
+		}
+		if derr := done(); err == nil {
+			err = derr
+		}
+		if err != nil {
+			return fmt.Errorf("writing the manifest to volume %s: %w", v.ID, err)
+		}
+		got, err := ReadManifestVolume(ctx, p.c, v.ID, p.initiator, man.Root())
+		if err != nil {
+			return err
+		}
+		if !got.Equal(man) {
+			return fmt.Errorf("volume %s does not read back the manifest written", v.ID)
+		}
+		if err := p.c.SetMetadata(ctx, v.ID, map[string]string{"vmthunder_publishing": "0"}); err != nil {
+			return err
+		}
+		return p.c.SetReadOnly(ctx, v.ID, true)
+	}()
+	if err != nil {
+		return v.ID, err
+	}
+	return v.ID, nil
+}
+
+// ReadManifestVolume reads the manifest file held by volume id (a
+// template's companion) through a read-only attachment of this node
+// (initiator: its IQN), bounded by peers.MaxManifestBytes, and returns it
+// only if its root is wantRoot (from the template's metadata).
+func ReadManifestVolume(ctx context.Context, c *openstack.Client, id, initiator, wantRoot string) (*peers.Manifest, error) {
+	a, err := c.Attach(ctx, id, openstack.ModeRO)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := func() ([]byte, error) {
+		is, err := origin.ParseConnectionInfo(a.ConnectionInfo)
+		if err != nil {
+			return nil, err
+		}
+		is.ReadOnly, is.Initiator = true, initiator
+		dev, err := iscsi.Open(is)
+		if err != nil {
+			return nil, err
+		}
+		defer dev.Close()
+		head := make([]byte, 4096)
+		if dev.Size() < int64(len(head)) {
+			return nil, fmt.Errorf("volume %s has %d bytes: no manifest", id, dev.Size())
+		}
+		if _, err := dev.ReadAt(head, 0); err != nil {
+			return nil, err
+		}
+		n, err := peers.ManifestFileSize(head)
+		if err != nil {
+			return nil, err
+		}
+		if n > peers.MaxManifestBytes || n > dev.Size() {
+			return nil, fmt.Errorf("volume %s: a manifest of %d bytes does not fit (limit %d, volume %d)", id, n, peers.MaxManifestBytes, dev.Size())
+		}
+		buf := make([]byte, (n+4095)&^4095)
+		if int64(len(buf)) > dev.Size() {
+			buf = buf[:dev.Size()]
+		}
+		if _, err := dev.ReadAt(buf, 0); err != nil {
+			return nil, err
+		}
+		return buf[:n], nil
+	}()
+	if derr := c.Detach(context.WithoutCancel(ctx), a.ID); err == nil && derr != nil {
+		err = derr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("manifest volume %s: %w", id, err)
+	}
+	m, err := peers.ParseManifest(raw)
+	if err != nil {
+		return nil, fmt.Errorf("manifest volume %s: %w", id, err)
+	}
+	if m.Root() != wantRoot {
+		return nil, fmt.Errorf("manifest volume %s: %w: root %s, the template names %s", id, peers.ErrManifest, m.Root(), wantRoot)
+	}
+	return m, nil
 }
 
 // finish tags volume id as a template and makes it read-only.
-func (p *publisher) finish(ctx context.Context, id string, size int64, generation, imageID, checksum string) (api.Template, error) {
+func (p *publisher) finish(ctx context.Context, id string, size int64, generation, imageID, checksum, manifestRoot, manifestVolume string) (api.Template, error) {
 	meta := map[string]string{
-		openstack.MetaTemplate:      "1",
-		openstack.MetaGeneration:    generation,
-		openstack.MetaImageID:       imageID,
-		openstack.MetaImageChecksum: checksum,
-		openstack.MetaChunkSize:     strconv.FormatInt(p.chunkSize, 10),
-		openstack.MetaSize:          strconv.FormatInt(size, 10),
-		"vmthunder_publishing":      "0",
+		openstack.MetaManifestRoot:   manifestRoot,
+		openstack.MetaManifestVolume: manifestVolume,
+		openstack.MetaTemplate:       "1",
+		openstack.MetaGeneration:     generation,
+		openstack.MetaImageID:        imageID,
+		openstack.MetaImageChecksum:  checksum,
+		openstack.MetaChunkSize:      strconv.FormatInt(p.chunkSize, 10),
+		openstack.MetaSize:           strconv.FormatInt(size, 10),
+		"vmthunder_publishing":       "0",
 	}
 	if err := p.c.SetMetadata(ctx, id, meta); err != nil {
 		return api.Template{}, err
@@ -329,4 +476,53 @@ func (p *publisher) finish(ctx context.Context, id string, size int64, generatio
 	}
 	t, _, err := p.c.Template(ctx, id)
 	return t, err
+}
+
+// ErrAttached: a volume to unpublish still has attachments (a node has
+// the template open, or is reading its manifest).
+var ErrAttached = errors.New("volume is attached")
+
+// Unpublish deletes template volume id and its manifest volume (the one
+// its metadata names, if that volume names it back), refusing while
+// either has an attachment. It returns the ids deleted.
+func Unpublish(ctx context.Context, c *openstack.Client, id string) ([]string, error) {
+	_, v, err := c.Template(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	ref, _, err := openstack.ParseManifestRef(v)
+	if err != nil {
+		return nil, err
+	}
+	vols := []*openstack.Volume{v}
+	if ref.Volume != "" {
+		mv, err := c.Volume(ctx, ref.Volume)
+		switch {
+		case openstack.IsNotFound(err):
+		case err != nil:
+			return nil, err
+		case mv.Metadata[openstack.MetaManifestOf] != v.ID:
+			return nil, fmt.Errorf("volume %s, named by %s's %s, is not its manifest volume (its %s is %q): not deleting it",
+				mv.ID, v.ID, openstack.MetaManifestVolume, openstack.MetaManifestOf, mv.Metadata[openstack.MetaManifestOf])
+		default:
+			vols = append(vols, mv)
+		}
+	}
+	for _, x := range vols {
+		if n := len(x.Attachments); n > 0 || x.Status == "in-use" || x.Status == "attaching" {
+			hosts := make([]string, 0, n)
+			for _, a := range x.Attachments {
+				hosts = append(hosts, a.HostName)
+			}
+			return nil, fmt.Errorf("volume %s (%s): %w: %d attachments (hosts %v); detach every export of the template first", x.ID, x.Status, ErrAttached, n, hosts)
+		}
+	}
+	var done []string
+	for _, x := range vols {
+		if err := c.DeleteVolume(ctx, x.ID); err != nil {
+			return done, err
+		}
+		done = append(done, x.ID)
+	}
+	return done, nil
 }

@@ -20,6 +20,7 @@ import (
 
 func init() {
 	register("publish", "publish an image as a read-only template volume in Cinder (--file PATH or --image ID)", runPublish)
+	register("unpublish", "delete a template volume and its manifest volume from Cinder (refused while attached)", runUnpublish)
 }
 
 // loadCinder reads the [cinder] section of the config file.
@@ -169,4 +170,34 @@ func runPublish(args []string) error {
 	say("published template volume %s (%s): generation %s, %d bytes", t.VolumeID, t.Name, t.Generation, t.Size)
 	fmt.Println(t.VolumeID)
 	return nil
+}
+
+func runUnpublish(args []string) error {
+	fs := flag.NewFlagSet("unpublish", flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "ini config file with a [cinder] section (default "+defaultConfig+")")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return errors.New("usage: vmthunder unpublish [--config FILE] TEMPLATE_VOLUME_ID")
+	}
+	id := fs.Arg(0)
+	if err := api.ValidVolumeID(id); err != nil {
+		return err
+	}
+	cfg, err := loadCinder(*cfgPath)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	c, err := openstack.New(ctx, cfg.Cinder)
+	if err != nil {
+		return err
+	}
+	deleted, err := publish.Unpublish(ctx, c, id)
+	for _, v := range deleted {
+		say("deleted volume %s", v)
+	}
+	return err
 }
