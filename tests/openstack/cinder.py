@@ -14,6 +14,7 @@ Run as root from the repository root with the venv's python.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -357,19 +358,26 @@ class Cloud:
         state["groups"]["tgtd"] = tgt.start()
         self._save(state)
 
+        mariadb.wait()
+        db_url = mariadb.create("cinder")
         g = None
         if self.want_glance:
             from tests.openstack import glance
 
-            g = glance.Glance(self.workdir, VENV)
-            state["groups"]["glance-api"] = g.start()
-            self._save(state)
-
-        mariadb.wait()
-        db_url = mariadb.create("cinder")
+            g = glance.Glance(self.workdir, VENV, mariadb.create("glance"))
         cinder = Cinder(self.workdir, transport_url, tgt, db_url, glance_url=g.url if g else None)
         cinder.write_config()
-        cinder.db_sync()  # overlaps RabbitMQ's and Glance's start (several seconds)
+
+        def start_glance():
+            state["groups"]["glance-api"] = g.start()  # recorded for down even if Cinder's sync fails
+
+        # Both schemas at once; RabbitMQ boots meanwhile (several seconds).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            glance_started = pool.submit(start_glance) if g else None
+            cinder.db_sync()
+            if glance_started:
+                glance_started.result()
+        self._save(state)
         if rabbit:
             rabbit.wait()
         if g:

@@ -1,4 +1,4 @@
-"""Glance 33 for the test control plane: file store, sqlite, no auth.
+"""Glance 33 for the test control plane: file store, MariaDB, no auth.
 
 Glance no longer has a standalone server (glance-api refuses to start); its
 WSGI application runs under gunicorn, one process with a few threads.
@@ -12,7 +12,8 @@ from tests.openstack import procs
 
 
 class Glance:
-    def __init__(self, workdir, venv):
+    def __init__(self, workdir, venv, db_url):
+        self.db_url = db_url
         self.dir = os.path.join(workdir, "glance")
         self.etc = os.path.join(self.dir, "etc")
         self.venv = venv
@@ -36,7 +37,7 @@ worker_self_reference_url = {self.url}
 image_cache_dir = {d}/cache
 
 [database]
-connection = sqlite:///{d}/glance.sqlite
+connection = {self.db_url}
 
 [paste_deploy]
 config_file = {self.etc}/glance-api-paste.ini
