@@ -198,6 +198,15 @@ class VMThunderDriver(libvirt_driver.LibvirtDriver):
                 imagebackend.move_store(inst_base, inst_base + "_resize")
         return super().finish_revert_migration(context, instance, *args, **kwargs)
 
+    def snapshot(self, context, instance, image_id, update_task_state):
+        if imagebackend.template_of(instance):
+            # Nova's snapshot reads a local file or block device; the root
+            # disk is an NBD export (TODO: convert it from the export).
+            raise NotImplementedError(
+                "snapshots of instances whose root disk is a VMThunder template export are not built yet"
+            )
+        return super().snapshot(context, instance, image_id, update_task_state)
+
     def check_can_live_migrate_source(self, context, instance, dest_check_data, block_device_info=None):
         if imagebackend.template_of(instance):
             raise exception.MigrationPreCheckError(reason=LIVE_MIGRATION_REFUSED)
