@@ -14,6 +14,12 @@ type BasePeers struct {
 	Reason string `json:"reason,omitempty"`
 	// ManifestRoot is the root digest of the base's manifest, if it has one.
 	ManifestRoot string `json:"manifest_root,omitempty"`
+	// ManifestFrom says where a template volume's manifest came from
+	// ("peer NAME" or "manifest volume ID"), when this daemon fetched it.
+	ManifestFrom string `json:"manifest_from,omitempty"`
+	// CorruptManifests counts manifests from peers refused: not the root
+	// the template's Cinder metadata names.
+	CorruptManifests uint64 `json:"corrupt_manifests"`
 	// Bytes this node read for the base from its origin, from peers, and
 	// served to peers, since the daemon started.
 	FromOriginBytes uint64 `json:"from_origin_bytes"`

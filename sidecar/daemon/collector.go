@@ -42,11 +42,12 @@ var (
 	dRecording   = desc("trace_recording", "1 while a boot trace of the base is being recorded.", "base")
 	dReplaying   = desc("prefetch_replaying", "1 while the base's boot trace is being replayed.", "base")
 
-	dPeerBytes   = desc("peer_read_bytes_total", "Bytes of a template base's chunks this node read, by source (origin: its own origin; peers: other nodes, verified).", "base", "source")
-	dPeerServed  = desc("peer_served_bytes_total", "Bytes of a template base's chunks this node served to peers.", "base")
-	dPeerCorrupt = desc("peer_corrupt_chunks_total", "Chunks from peers that failed verification against the base's manifest and were dropped.", "base")
-	dPeerErrors  = desc("peer_errors_total", "Chunk requests to peers that failed (timeout, refused, error).", "base")
-	dPeerMembers = desc("peer_members", "Members of the peers cluster as this node sees it (this node included), by state (alive, suspect, dead, left; dead and left ones until forgotten).", "state")
+	dPeerBytes        = desc("peer_read_bytes_total", "Bytes of a template base's chunks this node read, by source (origin: its own origin; peers: other nodes, verified).", "base", "source")
+	dPeerServed       = desc("peer_served_bytes_total", "Bytes of a template base's chunks this node served to peers.", "base")
+	dPeerCorrupt      = desc("peer_corrupt_chunks_total", "Chunks from peers that failed verification against the base's manifest and were dropped.", "base")
+	dPeerBadManifests = desc("peer_corrupt_manifests_total", "Manifests from peers refused: not the root the template's Cinder metadata names, or malformed.", "base")
+	dPeerErrors       = desc("peer_errors_total", "Chunk requests to peers that failed (timeout, refused, error).", "base")
+	dPeerMembers      = desc("peer_members", "Members of the peers cluster as this node sees it (this node included), by state (alive, suspect, dead, left; dead and left ones until forgotten).", "state")
 	// Per member: bounded by the cluster's size, since a member is dropped
 	// once membership forgets it (5 minutes after it died or left).
 	dPeerMemberBytes = desc("peer_member_bytes_total", "Chunk bytes exchanged with one member, by direction (received: read from it, verified; served: sent to it).", "peer", "direction")
@@ -57,7 +58,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
 		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning,
 		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying,
-		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerErrors, dPeerMembers, dPeerMemberBytes, dPeerFetch} {
+		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerBadManifests, dPeerErrors, dPeerMembers, dPeerMemberBytes, dPeerFetch} {
 		ch <- d
 	}
 }
@@ -153,6 +154,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ctr(dPeerBytes, s.src.BytesFromPeers.Load(), id, "peers")
 			ctr(dPeerServed, s.served.Load(), id)
 			ctr(dPeerCorrupt, s.src.CorruptChunks.Load(), id)
+			ctr(dPeerBadManifests, s.corruptManifests.Load(), id)
 			ctr(dPeerErrors, s.src.PeerErrors.Load(), id)
 		}
 		p.mu.Unlock()

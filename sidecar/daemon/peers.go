@@ -4,8 +4,10 @@ package daemon
 // fills from the other compute nodes that have it open (package peers:
 // rendezvous homes, mutual TLS, every chunk verified against the base's
 // manifest), then from the origin. A template base is used with peers
-// only when it has a manifest, imported by the operator or publisher
-// (POST /v1/bases/{id}/manifest, `vmthunder manifest make|import`): a
+// only when it has a manifest: a template volume's comes by itself
+// (manifests.go: from a peer or its manifest volume, checked against the
+// root in Cinder); any other template's is imported by the operator
+// (POST /v1/bases/{id}/manifest, `vmthunder manifest make|import`). A
 // manifest's trust must not come from a peer, and computing one here
 // would read the whole origin. Volume bases never use peers (stack).
 
@@ -64,18 +66,24 @@ type peerNode struct {
 	stats  map[string]*peerStats    // per base, for as long as the daemon runs
 	reason map[string]string        // open template bases filling from the origin only: why
 	keys   map[string]peers.BaseKey // every template base opened, for asking peers its trace
+	late   map[string]*lateSource   // open template volume bases whose manifest is being fetched
 }
 
 type peerBase struct {
 	key        peers.BaseKey
 	src        *peers.Source
 	root       string
+	manifest   []byte // the manifest file, served to peers that ask for it
 	unregister func() // nil until served
 }
 
 type peerStats struct {
 	src    peers.SourceStats
 	served atomic.Uint64
+	// corruptManifests counts manifests from peers refused (not the root
+	// Cinder names, or malformed).
+	corruptManifests atomic.Uint64
+	manifestFrom     string // where the base's manifest came from (under peerNode.mu)
 }
 
 // peerTune, when set, adjusts memberlist (tests shorten its intervals).
@@ -103,8 +111,8 @@ func (d *Daemon) startPeers() error {
 	}
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	p := &peerNode{d: d, id: id, cl: peers.NewClient(id, peers.ClientOptions{}), originLimit: peers.NewLimiter(pc.OriginRate),
-		traffic: peers.NewTraffic(), ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}}
-	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile, Traffic: p.traffic})
+		traffic: peers.NewTraffic(), ln: ln, done: make(chan struct{}), bases: map[string]*peerBase{}, stats: map[string]*peerStats{}, reason: map[string]string{}, keys: map[string]peers.BaseKey{}, late: map[string]*lateSource{}}
+	p.srv = peers.NewServer(id.Name, peers.ServerOptions{ServeLimit: peers.NewLimiter(pc.ServeRate), Trace: p.traceFile, Manifest: p.manifestFile, Traffic: p.traffic})
 	if err := p.testFault(); err != nil {
 		ln.Close()
 		p.cl.Close()
@@ -136,7 +144,8 @@ func (d *Daemon) startPeers() error {
 // TestFaultEnv names a test-only fault for a real daemon process (the
 // many-node tests in tests/bulk): "corrupt-peer-chunks" makes this node's
 // chunk server flip a byte in every chunk it serves, so the others must
-// detect and drop them. Never set it in production.
+// detect and drop them; "corrupt-peer-manifests", in every manifest it
+// serves. Never set it in production.
 const TestFaultEnv = "VMTHUNDER_TEST_FAULT"
 
 func (p *peerNode) testFault() error {
@@ -147,8 +156,12 @@ func (p *peerNode) testFault() error {
 		p.srv.SetCorrupt(true)
 		p.d.log.WithField(TestFaultEnv, f).Error("TEST FAULT ON: this node serves corrupt chunks to its peers (testing only)")
 		return nil
+	case "corrupt-peer-manifests":
+		p.srv.SetCorruptManifests(true)
+		p.d.log.WithField(TestFaultEnv, f).Error("TEST FAULT ON: this node serves corrupt manifests to its peers (testing only)")
+		return nil
 	default:
-		return fmt.Errorf("%s=%q: unknown test fault (known: corrupt-peer-chunks)", TestFaultEnv, f)
+		return fmt.Errorf("%s=%q: unknown test fault (known: corrupt-peer-chunks, corrupt-peer-manifests)", TestFaultEnv, f)
 	}
 }
 
@@ -218,17 +231,20 @@ func (p *peerNode) source(id string, bind cache.Binding, origin blockdev.Device)
 	}
 	m, err := peers.ReadManifestFile(filepath.Join(p.d.mgr.Dir(), id, ManifestFile), "")
 	switch {
+	case errors.Is(err, os.ErrNotExist) && templateVolumeOf(bind.Template) != "" && p.d.cfg.Cinder != nil:
+		return p.lateSource(id, templateVolumeOf(bind.Template), key, origin), nil // manifests.go
 	case errors.Is(err, os.ErrNotExist):
 		return fromOrigin("no manifest: import one (POST /v1/bases/" + id + "/manifest, vmthunder manifest import)")
 	case err != nil:
 		return fromOrigin(err.Error())
 	}
+	raw, _ := m.MarshalBinary()
 	st := p.statsOf(id)
 	src, err := peers.NewSource(origin, peers.SourceOptions{Key: key, Manifest: m, Members: p.ml, Fetcher: p.cl, Stats: &st.src, OriginLimit: p.originLimit, Traffic: p.traffic})
 	if err != nil {
 		return fromOrigin(err.Error())
 	}
-	pb := &peerBase{key: key, src: src, root: m.Root()}
+	pb := &peerBase{key: key, src: src, root: m.Root(), manifest: raw}
 	p.mu.Lock()
 	delete(p.reason, id)
 	p.bases[id] = pb
@@ -268,6 +284,14 @@ func (p *peerNode) closed(id string, pb *peerBase) {
 // The chunk server reads through the base itself, not through ref: its
 // reads are not counted as a guest's.
 func (p *peerNode) serve(id string, ref *cache.Ref) {
+	if p.pendingServe(id, ref.Base) { // manifests.go: served once its manifest arrives
+		return
+	}
+	p.register(id, ref.Base)
+}
+
+// register serves open base id to peers, if it fills from peers.
+func (p *peerNode) register(id string, base *cache.Base) {
 	p.mu.Lock()
 	pb := p.bases[id]
 	if pb == nil || pb.unregister != nil {
@@ -275,7 +299,7 @@ func (p *peerNode) serve(id string, ref *cache.Ref) {
 		return
 	}
 	st := p.stats[id]
-	un, err := p.srv.Register(pb.key, ref.Size(), countingReader{pb.src.ServeFrom(baseView{ref.Base}), &st.served})
+	un, err := p.srv.Register(pb.key, base.Size(), countingReader{pb.src.ServeFrom(baseView{base}), &st.served})
 	if err == nil {
 		pb.unregister = un
 	}
@@ -419,6 +443,10 @@ func (d *Daemon) peerView(b *api.Base) {
 		}
 	}
 	if st != nil {
+		p.mu.Lock()
+		v.ManifestFrom = st.manifestFrom
+		p.mu.Unlock()
+		v.CorruptManifests = st.corruptManifests.Load()
 		v.FromOriginBytes, v.FromPeersBytes = st.src.BytesFromOrigin.Load(), st.src.BytesFromPeers.Load()
 		v.ServedBytes, v.CorruptChunks = st.served.Load(), st.src.CorruptChunks.Load()
 	}
