@@ -151,6 +151,55 @@ func sysCounter(dev, name string) int64 {
 	return v
 }
 
+// Drops is the packets tbf dropped on the host's link, both ends.
+func (h *Host) Drops() int64 {
+	return tcDrops(exec.Command("tc", "-s", "qdisc", "show", "dev", h.veth)) +
+		tcDrops(h.Exec("tc", "-s", "qdisc", "show", "dev", "eth0"))
+}
+
+func tcDrops(cmd *exec.Cmd) int64 {
+	out, err := cmd.Output()
+	if err != nil {
+		return 0
+	}
+	// " Sent 123 bytes 4 pkt (dropped 5, overlimits 6 requeues 0)"
+	var n int64
+	for _, l := range strings.Split(string(out), "\n") {
+		if _, after, ok := strings.Cut(l, "(dropped "); ok {
+			v, _ := strconv.ParseInt(strings.TrimRight(strings.Fields(after)[0], ","), 10, 64)
+			n += v
+		}
+	}
+	return n
+}
+
+// Retransmits is the TCP segments the host's namespace retransmitted
+// (RetransSegs of /proc/net/snmp there).
+func (h *Host) Retransmits() int64 {
+	out, err := h.Exec("cat", "/proc/net/snmp").Output()
+	if err != nil {
+		return 0
+	}
+	var names []string
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i, name := range names {
+			if name == "RetransSegs" && i < len(f) {
+				v, _ := strconv.ParseInt(f[i], 10, 64)
+				return v
+			}
+		}
+	}
+	return 0
+}
+
 // Do runs fn on an OS thread inside the host's namespace: sockets fn
 // makes there stay in it (a listener keeps accepting there, a connection
 // keeps its route), whatever thread uses them later.

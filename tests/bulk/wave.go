@@ -241,9 +241,15 @@ type Wave struct {
 	WallMS          float64       `json:"wall_ms"`
 	// HostBusy is the share of the machine's CPU time in use during the
 	// wave (every simulated node shares this machine's cores).
-	HostBusy float64      `json:"host_cpu_busy"`
-	Nodes    []NodeResult `json:"node_results"`
-	Logs     []string     `json:"-"` // daemons' logs, by node
+	HostBusy float64 `json:"host_cpu_busy"`
+	// Packets tbf dropped on the origin's link and on the nodes' links,
+	// and TCP segments the origin and the nodes retransmitted.
+	OriginDrops   int64        `json:"origin_link_drops"`
+	NodeDrops     int64        `json:"node_link_drops"`
+	OriginRetrans int64        `json:"origin_tcp_retransmits"`
+	NodeRetrans   int64        `json:"node_tcp_retransmits"`
+	Nodes         []NodeResult `json:"node_results"`
+	Logs          []string     `json:"-"` // daemons' logs, by node
 }
 
 // Run runs one wave on nodes 0..N-1 with fresh daemons (empty caches)
@@ -256,11 +262,22 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 	dir := filepath.Join(l.o.Dir, fmt.Sprintf("wave%d", l.waves))
 	w := &Wave{Mode: o.Mode, N: o.N, Nodes: make([]NodeResult, o.N)}
 	sent0, link0 := l.Origin.Sent(), l.Origin.Host.TXBytes()
+	drops0, retrans0 := l.Origin.Host.Drops(), l.Origin.Host.Retransmits()
+	var nodeDrops0, nodeRetrans0 int64
+	for _, h := range l.Nodes[:o.N] {
+		nodeDrops0 += h.Drops()
+		nodeRetrans0 += h.Retransmits()
+	}
 	var daemons []*Daemon
 	defer func() {
+		var wg sync.WaitGroup
 		for _, d := range daemons {
-			d.Stop()
+			if d != nil {
+				wg.Add(1)
+				go func() { defer wg.Done(); d.Stop() }()
+			}
 		}
+		wg.Wait()
 	}()
 	var disks []*NBDClient
 	defer func() {
@@ -330,7 +347,6 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 		wg.Wait()
 		for i, err := range errs {
 			if err != nil {
-				daemons = compact(daemons)
 				return nil, fmt.Errorf("node %d: %w", i, err)
 			}
 		}
@@ -422,6 +438,13 @@ func (l *Lab) Run(ctx context.Context, o WaveOptions) (*Wave, error) {
 		return nil, werr
 	}
 	w.OriginBytes, w.OriginLinkBytes = l.Origin.Sent()-sent0, l.Origin.Host.TXBytes()-link0
+	w.OriginDrops, w.OriginRetrans = l.Origin.Host.Drops()-drops0, l.Origin.Host.Retransmits()-retrans0
+	for _, h := range l.Nodes[:o.N] {
+		w.NodeDrops += h.Drops()
+		w.NodeRetrans += h.Retransmits()
+	}
+	w.NodeDrops -= nodeDrops0
+	w.NodeRetrans -= nodeRetrans0
 	for i, d := range daemons {
 		if d == nil || w.Nodes[i].Killed {
 			continue
@@ -475,16 +498,6 @@ func (c cpuTimes) busySince(from cpuTimes) float64 {
 		return 0
 	}
 	return (c.busy - from.busy) / (c.total - from.total)
-}
-
-func compact(ds []*Daemon) []*Daemon {
-	var out []*Daemon
-	for _, d := range ds {
-		if d != nil {
-			out = append(out, d)
-		}
-	}
-	return out
 }
 
 // converge waits until every daemon sees every other serving the base, so

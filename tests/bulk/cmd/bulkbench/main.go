@@ -11,7 +11,8 @@
 // recorded boot; 0 replays its reads back to back), BULK_QEMU (3 nodes
 // boot the real guest in the sidecar modes when N > 3, at think scale 1),
 // BULK_MODES (all), BULK_REPORT (JSON path), BULK_ORIGIN_MBIT,
-// BULK_NODE_MBIT, BULK_DELAY_MS (caps: 200, 1000, 1).
+// BULK_NODE_MBIT, BULK_DELAY_MS (caps: 200, 1000, 1), BULK_KEEP (keep the
+// run's directory: daemon logs, consoles).
 package main
 
 import (
@@ -111,7 +112,11 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	if os.Getenv("BULK_KEEP") == "" {
+		defer os.RemoveAll(dir)
+	} else {
+		fmt.Printf("BULK_KEEP: the run's files (daemon logs, consoles) stay in %s\n", dir)
+	}
 	os.Chmod(dir, 0o755)
 	img, err := guestimage.Build(guestimage.Options{Dir: filepath.Join(dir, "image")})
 	if err != nil {
@@ -149,7 +154,7 @@ func run() error {
 			return err
 		}
 		fmt.Printf("think time x%g (%.1f s a boot on an infinitely fast disk)\n", think, trace.Short(0, think).Think().Seconds())
-		fmt.Printf("%5s  %-14s %10s %8s %8s %8s %8s %7s %7s %6s %8s %5s  %s\n", "N", "mode", "origin MB", "/ws", "p50 s", "p99 s", "max s", "failed", "cpu s", "busy", "fetch ms", "t/o", "qemu boots s")
+		fmt.Printf("%5s  %-14s %10s %8s %8s %8s %8s %7s %7s %6s %8s %5s %6s %6s  %s\n", "N", "mode", "origin MB", "/ws", "p50 s", "p99 s", "max s", "failed", "cpu s", "busy", "fetch ms", "t/o", "o drop", "o rtx", "qemu boots s")
 		for _, n := range nodes {
 			for _, m := range modes {
 				q := 0
@@ -166,8 +171,8 @@ func run() error {
 				for _, b := range s.QEMU {
 					qs = append(qs, fmt.Sprintf("%.1f", b))
 				}
-				fmt.Printf("%5d  %-14s %10.1f %8.2f %8.2f %8.2f %8.2f %7d %7.1f %5.0f%% %8.1f %5.0f  %s\n", n, m, float64(s.OriginBytes)/1e6, s.WorkingSets, s.P50, s.P99, s.Max,
-					s.Failed+s.Mismatched, s.DaemonCPU, 100*s.HostBusy, s.PeerFetchMS, s.PeerTimeouts, strings.Join(qs, " "))
+				fmt.Printf("%5d  %-14s %10.1f %8.2f %8.2f %8.2f %8.2f %7d %7.1f %5.0f%% %8.1f %5.0f %6d %6d  %s\n", n, m, float64(s.OriginBytes)/1e6, s.WorkingSets, s.P50, s.P99, s.Max,
+					s.Failed+s.Mismatched, s.DaemonCPU, 100*s.HostBusy, s.PeerFetchMS, s.PeerTimeouts, w.OriginDrops, w.OriginRetrans, strings.Join(qs, " "))
 			}
 		}
 		rep.Goals = append(rep.Goals, goals(rep.Waves, think, nodes)...)
