@@ -144,6 +144,7 @@ class Tgtd:
         self.proc = procs.spawn(
             ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.portal_port}"],
             os.path.join(self.dir, "tgtd.log"),
+            cwd=self.dir,  # so down finds it even without the state file
         )
         procs.wait_for(self._ready, "tgtd", timeout=20, check=self._check)
         return self.proc.pid

@@ -64,6 +64,7 @@ class MariaDB:
                 "--max-connections=500",
             ],
             os.path.join(self.dir, "mariadbd.out"),
+            cwd=self.dir,
         )
         return self.proc.pid
 

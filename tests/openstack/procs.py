@@ -84,8 +84,9 @@ def alive(pid):
 
 
 def pids_mentioning(needle):
-    """Processes whose command line contains needle (the workdir): helpers
-    that left the process group, e.g. privsep daemons."""
+    """Processes whose command line or environment contains needle (the
+    workdir), or whose working directory is under it: helpers that left the process group (privsep
+    daemons), and everything `up` started when its state file is gone."""
     found = []
     mine = _ancestors()  # the caller's own command line may name the workdir
     for entry in os.listdir("/proc"):
@@ -94,9 +95,13 @@ def pids_mentioning(needle):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().decode(errors="replace")
         except OSError:
             continue
-        if needle in cmd:
+        # epmd keeps RabbitMQ's environment (which names the workdir), nothing else.
+        if needle in cmd or (cwd + "/").startswith(needle) or ("epmd" in cmd and needle in env):
             found.append(int(entry))
     return found
 
