@@ -2,7 +2,6 @@ package bulk
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -62,7 +61,8 @@ func lab(t *testing.T) *Lab {
 		if o.Image, labErr = guestimage.Build(guestimage.Options{Dir: filepath.Join(dir, "image")}); labErr != nil {
 			return
 		}
-		o.Dir, o.Tag, o.MaxNodes = dir, fmt.Sprintf("t%x", os.Getpid()%0xfff), testNodes
+		// A fixed tag: a killed run's namespaces are removed by the next.
+		o.Dir, o.Tag, o.MaxNodes = dir, "t", testNodes
 		o.Caps, labErr = CapsFromEnv()
 		if labErr == nil {
 			theLab, labErr = NewLab(o)
