@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -178,6 +177,3 @@ func (o *Origin) Stop() {
 		<-o.done
 	}
 }
-
-// exists reports whether path exists.
-func exists(path string) bool { _, err := os.Stat(path); return err == nil }
