@@ -69,4 +69,5 @@ func TestDashboardSeriesExist(t *testing.T) {
 }
 
 var templateMetadata = map[string]bool{"vmthunder_template": true, "vmthunder_generation": true, "vmthunder_image_id": true,
-	"vmthunder_image_checksum": true, "vmthunder_chunk_size": true, "vmthunder_size": true}
+	"vmthunder_image_checksum": true, "vmthunder_chunk_size": true, "vmthunder_size": true,
+	"vmthunder_manifest_root": true, "vmthunder_manifest_volume": true, "vmthunder_manifest_of": true}
