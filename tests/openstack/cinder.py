@@ -288,7 +288,10 @@ use_chap_auth = true
         procs.wait_for(lambda: procs.port_open(self.port), "cinder-api", timeout=120, check=self._check)
 
         def services_up():
-            status, body = self.api("GET", "/os-services")
+            try:
+                status, body = self.api("GET", "/os-services")
+            except OSError:  # a slow answer while the services start
+                return False
             if status != 200:
                 return False
             up = {s["binary"] for s in body["services"] if s["state"] == "up" and s["status"] == "enabled"}
@@ -298,7 +301,10 @@ use_chap_auth = true
 
         # The scheduler places volumes only on pools it has heard of.
         def pool_known():
-            status, body = self.api("GET", "/scheduler-stats/get_pools")
+            try:
+                status, body = self.api("GET", "/scheduler-stats/get_pools")
+            except OSError:
+                return False
             return status == 200 and bool(body.get("pools"))
 
         procs.wait_for(pool_known, "the file pool in the scheduler", timeout=120, check=self._check)

@@ -19,6 +19,8 @@ class MariaDB:
         self.dir = os.path.join(workdir, "mariadb")
         self.data = os.path.join(self.dir, "data")
         self.socket = os.path.join(self.dir, "mysqld.sock")
+        if len(self.socket.encode()) > 107:  # sun_path
+            raise RuntimeError(f"workdir {workdir} is too long for MariaDB's unix socket: use a shorter one")
         self.port = procs.free_port()
         self.proc = None
 
@@ -60,6 +62,7 @@ class MariaDB:
                 f"--pid-file={self.dir}/mariadbd.pid",
                 f"--log-error={self.dir}/error.log",
                 "--skip-log-bin",
+                "--skip-name-resolve",  # no DNS lookups of clients (may hang here)
                 "--innodb-buffer-pool-size=64M",
                 "--max-connections=500",
             ],
@@ -86,4 +89,6 @@ class MariaDB:
         r = self.sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
         if r.returncode != 0:
             raise RuntimeError(f"creating database {name}: {r.stderr}")
-        return f"mysql+pymysql://root@127.0.0.1:{self.port}/{name}?charset=utf8mb4"
+        # Over the unix socket: root@localhost is the only account, and
+        # with --skip-name-resolve a TCP client is 127.0.0.1, not localhost.
+        return f"mysql+pymysql://root@/{name}?unix_socket={self.socket}&charset=utf8mb4"

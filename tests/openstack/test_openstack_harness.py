@@ -253,7 +253,7 @@ def test_down_leaves_no_process_target_socket_or_file(tmp_path):
     assert not procs.port_open(int(info["iscsi_portal"].rsplit(":", 1)[1]))
     assert not procs.port_open(int(info["endpoint"].split(":")[2].split("/")[0]))
     assert not procs.port_open(state["epmd_port"])
-    assert not procs.port_open(int(info["database_url"].split("@127.0.0.1:")[1].split("/")[0]))
+    assert not os.path.exists(info["database_url"].split("unix_socket=")[1].split("&")[0])
 
 
 def test_cloud_context_manager_cleans_up_after_a_failed_start(monkeypatch):
