@@ -343,6 +343,19 @@ func (c countingReader) ReadChunk(b []byte, off int64) error {
 	return err
 }
 
+// ReadCachedChunk answers a peer's hedge from what the base holds only.
+func (c countingReader) ReadCachedChunk(b []byte, off int64) error {
+	cr, ok := c.r.(peers.CachedChunkReader)
+	if !ok {
+		return peers.ErrNotCached
+	}
+	err := cr.ReadCachedChunk(b, off)
+	if err == nil {
+		c.n.Add(uint64(len(b)))
+	}
+	return err
+}
+
 // traceFile is the chunk server's answer to GET /v1/trace: the stored
 // boot trace of a base this node serves.
 func (p *peerNode) traceFile(key peers.BaseKey) ([]byte, error) {

@@ -33,13 +33,21 @@ type ClientOptions struct {
 	MaxChunk int64
 }
 
-// Client fetches chunks from peers over mutual TLS (HTTP/2: one
-// connection per peer, many requests in flight on it).
+// Client fetches chunks from peers over mutual TLS (HTTP/2: many requests
+// in flight on one connection per peer, and a spare connection for
+// hedged requests, so that one stalled TCP connection does not hold them
+// all).
 type Client struct {
 	id   *Identity
 	opts ClientOptions
 	mu   sync.Mutex
-	hcs  map[Peer]*http.Client // one transport per member name and address
+	hcs  map[lane]*http.Client // one transport per member name, address and lane
+}
+
+// A lane is one of the two connections the client keeps to a peer.
+type lane struct {
+	Peer
+	spare bool
 }
 
 // FetchError is a failed chunk request. Unavailable is true when the peer
@@ -69,22 +77,25 @@ func NewClient(id *Identity, opts ClientOptions) *Client {
 	if opts.MaxChunk <= 0 {
 		opts.MaxChunk = 4 << 20
 	}
-	return &Client{id: id, opts: opts, hcs: map[Peer]*http.Client{}}
+	return &Client{id: id, opts: opts, hcs: map[lane]*http.Client{}}
 }
 
 // client is the HTTP client of peer: its transport dials peer.Addr and
 // checks that the server's certificate names peer.Name. A member seen at
 // a new address gets a new transport (the old one's connections close).
-func (c *Client) client(peer Peer) *http.Client {
+func (c *Client) client(peer Peer) *http.Client { return c.laneClient(lane{Peer: peer}) }
+
+func (c *Client) laneClient(ln lane) *http.Client {
+	peer := ln.Peer
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if hc := c.hcs[peer]; hc != nil {
+	if hc := c.hcs[ln]; hc != nil {
 		return hc
 	}
-	for p, hc := range c.hcs {
-		if p.Name == peer.Name {
+	for l, hc := range c.hcs {
+		if l.Name == peer.Name && l.Addr != peer.Addr {
 			hc.CloseIdleConnections()
-			delete(c.hcs, p)
+			delete(c.hcs, l)
 		}
 	}
 	dialer := &net.Dialer{Timeout: c.opts.Timeout, KeepAlive: 15 * time.Second}
@@ -104,8 +115,21 @@ func (c *Client) client(peer Peer) *http.Client {
 	hc := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
 		return errors.New("peers do not redirect")
 	}}
-	c.hcs[peer] = hc
+	c.hcs[ln] = hc
 	return hc
+}
+
+// renew gives lane ln a new connection for its next request, after a
+// request on it timed out: the old one may be stalled (TCP backing off),
+// and every request on it with it. Its requests in flight finish or time
+// out on it; then it closes.
+func (c *Client) renew(ln lane, stale *http.Client) {
+	c.mu.Lock()
+	if c.hcs[ln] == stale {
+		delete(c.hcs, ln)
+	}
+	c.mu.Unlock()
+	time.AfterFunc(c.opts.Timeout, stale.CloseIdleConnections)
 }
 
 // Close drops the client's connections.
@@ -118,10 +142,26 @@ func (c *Client) Close() {
 	}
 }
 
+// FetchMode says how a chunk request is sent.
+type FetchMode struct {
+	// Spare sends it on the peer's spare connection (a hedge of a request
+	// in flight on the first).
+	Spare bool
+	// CachedOnly asks the peer to answer only with a chunk it holds: one
+	// it would have to read from its origin is answered 404 instead, so
+	// a hedge never makes a second origin read of a chunk.
+	CachedOnly bool
+}
+
 // Fetch reads chunk req.Index into p, whose length must be the chunk's
 // (req.ChunkSize, or less for the last chunk): an answer of any other
 // length is refused. The bytes are not verified here (see Source).
 func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) error {
+	return c.FetchWith(ctx, peer, req, p, FetchMode{})
+}
+
+// FetchWith is Fetch sent as mode says.
+func (c *Client) FetchWith(ctx context.Context, peer Peer, req Request, p []byte, mode FetchMode) error {
 	fail := func(status int, unavailable bool, err error) error {
 		return &FetchError{Peer: peer.Name, Status: status, Unavailable: unavailable, Err: err}
 	}
@@ -133,13 +173,25 @@ func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) er
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+chunkPath+"?"+req.query(), nil)
+	query := req.query()
+	if mode.CachedOnly {
+		query += "&" + cachedOnlyParam + "=1"
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+peer.Name+chunkPath+"?"+query, nil)
 	if err != nil {
 		return fail(0, false, err)
 	}
-	resp, err := c.client(peer).Do(hr)
+	ln := lane{Peer: peer, spare: mode.Spare}
+	hc := c.laneClient(ln)
+	timedOut := func(err error) error {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			c.renew(ln, hc)
+		}
+		return err
+	}
+	resp, err := hc.Do(hr)
 	if err != nil {
-		return fail(0, true, err)
+		return fail(0, true, timedOut(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -150,7 +202,7 @@ func (c *Client) Fetch(ctx context.Context, peer Peer, req Request, p []byte) er
 		return fail(resp.StatusCode, false, fmt.Errorf("answer of %s bytes for a chunk of %d", strconv.FormatInt(resp.ContentLength, 10), len(p)))
 	}
 	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return fail(resp.StatusCode, true, fmt.Errorf("read chunk: %w", err))
+		return fail(resp.StatusCode, true, fmt.Errorf("read chunk: %w", timedOut(err)))
 	}
 	// Read to the end of the stream: closing it before would reset it,
 	// and the server could count its answer as not delivered.

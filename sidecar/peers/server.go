@@ -95,12 +95,31 @@ func (r Request) query() string {
 	}.Encode()
 }
 
-func parseRequest(raw string) (Request, error) {
+// cachedOnlyParam, set to 1, asks for a chunk only if the server holds it
+// (FetchMode.CachedOnly).
+const cachedOnlyParam = "cached"
+
+// parseChunkRequest parses a chunk request and whether it is cached-only.
+func parseChunkRequest(raw string) (Request, bool, error) {
 	q, err := parseQuery(raw)
 	if err != nil {
-		return Request{}, err
+		return Request{}, false, err
 	}
+	cachedOnly := false
+	switch v := q.Get(cachedOnlyParam); v {
+	case "", "0":
+	case "1":
+		cachedOnly = true
+	default:
+		return Request{}, false, fmt.Errorf("%s %q: want 0 or 1", cachedOnlyParam, v)
+	}
+	r, err := parseChunk(q)
+	return r, cachedOnly, err
+}
+
+func parseChunk(q url.Values) (Request, error) {
 	var r Request
+	var err error
 	if r.Base, err = parseKey(q); err != nil {
 		return Request{}, err
 	}
@@ -119,6 +138,16 @@ func parseRequest(raw string) (Request, error) {
 type ChunkReader interface {
 	ReadChunk(p []byte, off int64) error
 }
+
+// A CachedChunkReader can also answer only from what this node holds
+// (a cached-only request, a hedge): a chunk it does not hold is
+// ErrNotCached, never read from the origin.
+type CachedChunkReader interface {
+	ReadCachedChunk(p []byte, off int64) error
+}
+
+// ErrNotCached is a cached-only read of a chunk this node does not hold.
+var ErrNotCached = errors.New("chunk not held here")
 
 // ServerOptions bound what the chunk server spends on peers.
 type ServerOptions struct {
@@ -271,7 +300,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, http.StatusUnauthorized, "no client certificate")
 		return
 	}
-	req, err := parseRequest(r.URL.RawQuery)
+	req, cachedOnly, err := parseChunkRequest(r.URL.RawQuery)
 	if err != nil {
 		s.refuse(w, http.StatusBadRequest, "bad chunk request: %v", err)
 		return
@@ -309,7 +338,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	bp := s.buf(req.ChunkSize)
 	defer s.putBuf(req.ChunkSize, bp)
 	p := (*bp)[:n]
-	if err := b.r.ReadChunk(p, off); err != nil {
+	read := b.r.ReadChunk
+	if cachedOnly {
+		read = readCached(b.r)
+	}
+	if err := read(p, off); errors.Is(err, ErrNotCached) {
+		// Not a failure: the asker hedged and waits for the home too.
+		http.Error(w, fmt.Sprintf("chunk %d of %s is not held here", req.Index, req.Base.ID), http.StatusNotFound)
+		return
+	} else if err != nil {
 		s.failed.Add(1)
 		http.Error(w, fmt.Sprintf("read chunk %d of %s: %v", req.Index, req.Base.ID, err), http.StatusServiceUnavailable)
 		return
@@ -328,6 +365,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.served.Add(uint64(n))
 		s.opts.Traffic.served(asker, len(p))
 	}
+}
+
+// readCached is r's cached-only read; a reader that cannot tell what it
+// holds holds nothing for a cached-only request.
+func readCached(r ChunkReader) func(p []byte, off int64) error {
+	if cr, ok := r.(CachedChunkReader); ok {
+		return cr.ReadCachedChunk
+	}
+	return func([]byte, int64) error { return ErrNotCached }
 }
 
 // serveFile answers GET /v1/trace or /v1/manifest ?base=&template=&generation=

@@ -2,7 +2,6 @@ package peers
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -39,9 +38,9 @@ type SourceOptions struct {
 	// MaxAttempts is how many peers are asked for a chunk before the
 	// origin (default 2: the home and the next candidate).
 	MaxAttempts int
-	// Cooldown is how long a peer that did not answer, or answered with
-	// bytes that fail verification, is skipped (default 3 s); then it is
-	// asked again.
+	// Cooldown is how long a peer that failed twice in a row, or
+	// answered with bytes that fail verification, is skipped (default
+	// 3 s); then it is asked again.
 	Cooldown time.Duration
 	// OriginLimit, when set, caps the bytes read from the origin per
 	// second ([peers] origin_rate; one limiter for every source of the
@@ -68,16 +67,21 @@ type SourceStats struct {
 	PeerErrors, PeerSkipped atomic.Uint64
 	// PeerFetchNanos and PeerFetches time the successful fetches.
 	PeerFetchNanos, PeerFetches atomic.Uint64
+	// Hedges counts hedged requests (see fromPeers), HedgeWins the chunks
+	// a hedge answered, NotHeld the cached-only hedges a peer could not
+	// answer.
+	Hedges, HedgeWins, NotHeld atomic.Uint64
 }
 
 // Source is the device a template base's cache fills from: a chunk is
 // asked from the members that have the base open, highest rendezvous
 // weight first (the chunk's home, then the next candidates), until this
 // node's own weight is reached or MaxAttempts peers were asked; then the
-// origin. Every chunk from a peer is verified against the manifest before
-// it is returned; a peer that times out, errs or sends bad bytes is
-// skipped for the next candidate or the origin, so a read fails only if
-// the origin fails. Reads that are not whole manifest chunks go straight
+// origin. A request not answered within the hedge delay is hedged (see
+// hedge.go). Every chunk from a peer is verified against the manifest
+// before it is returned; a peer that times out, errs or sends bad bytes
+// is skipped for the next candidate or the origin, so a read fails only
+// if the origin fails. Reads that are not whole manifest chunks go straight
 // to the origin.
 //
 // Source is read-only and owns the origin (Close closes it).
@@ -89,6 +93,9 @@ type Source struct {
 	mu    sync.Mutex
 	local map[int64]int // chunks being read for a peer: origin only
 	down  sync.Map      // member name -> time.Time it is skipped until
+	fails sync.Map      // member name -> *atomic.Int32, failures in a row
+	lat   latencyWindow // successful fetch times, for the hedge delay
+	bufs  sync.Pool     // *[]byte, one per request in flight
 }
 
 // NewSource makes a peer source over origin for o.Key.
@@ -169,66 +176,6 @@ func (s *Source) readChunk(c int64, q []byte, off int64) error {
 	return nil
 }
 
-// fromPeers asks the candidates for chunk c, best first; it reports
-// whether q holds the chunk, verified.
-func (s *Source) fromPeers(c int64, q []byte) bool {
-	self := s.o.Members.Self()
-	serving := s.o.Members.Serving(s.o.Key.ID)
-	if len(serving) == 0 {
-		return false
-	}
-	addr := make(map[string]string, len(serving)+1)
-	names := make([]string, 0, len(serving)+1)
-	for _, p := range serving {
-		if _, dup := addr[p.Name]; !dup {
-			addr[p.Name] = p.Addr
-			names = append(names, p.Name)
-		}
-	}
-	if _, ok := addr[self]; !ok {
-		names = append(names, self) // this node's weight bounds whom it asks
-	}
-	req := Request{Base: s.o.Key, ChunkSize: s.o.Manifest.ChunkSize, Index: c}
-	asked := 0
-	for _, name := range Rank(names, s.o.Key.ID, c) {
-		if name == self || asked >= s.o.MaxAttempts {
-			break
-		}
-		if until, ok := s.down.Load(name); ok && time.Now().Before(until.(time.Time)) {
-			s.stats.PeerSkipped.Add(1)
-			continue
-		}
-		asked++
-		t0 := time.Now()
-		err := s.o.Fetcher.Fetch(context.Background(), Peer{Name: name, Addr: addr[name]}, req, q)
-		if err != nil {
-			s.o.Traffic.observe(fetchOutcome(err), time.Since(t0))
-			s.stats.PeerErrors.Add(1)
-			if fe := (*FetchError)(nil); !errors.As(err, &fe) || fe.Unavailable {
-				s.markDown(name)
-			}
-			continue
-		}
-		if !s.o.Manifest.Verify(c, q) {
-			s.o.Traffic.observe(OutcomeCorrupt, time.Since(t0))
-			s.stats.CorruptChunks.Add(1)
-			s.markDown(name)
-			continue
-		}
-		took := time.Since(t0)
-		s.o.Traffic.observe(OutcomeOK, took)
-		s.o.Traffic.received(name, len(q))
-		s.stats.PeerFetchNanos.Add(uint64(took))
-		s.stats.PeerFetches.Add(1)
-		s.stats.ChunksFromPeers.Add(1)
-		s.stats.BytesFromPeers.Add(uint64(len(q)))
-		return true
-	}
-	return false
-}
-
-func (s *Source) markDown(name string) { s.down.Store(name, time.Now().Add(s.o.Cooldown)) }
-
 func (s *Source) isLocal(c int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -257,6 +204,28 @@ func (s *Source) ServeFrom(dev blockdev.Device) ChunkReader {
 type serveFrom struct {
 	s   *Source
 	dev blockdev.Device
+}
+
+// ReadCachedChunk reads a chunk only if dev holds all of it
+// (CachedChunkReader): a hedge never makes this node read its origin.
+func (r serveFrom) ReadCachedChunk(p []byte, off int64) error {
+	h, ok := r.dev.(holder)
+	if !ok || len(p) == 0 {
+		return ErrNotCached
+	}
+	cs := h.ChunkSize()
+	for c := off / cs; c <= (off+int64(len(p))-1)/cs; c++ {
+		if !h.Present(c) {
+			return ErrNotCached
+		}
+	}
+	return r.ReadChunk(p, off)
+}
+
+// holder is a cache that tells which of its chunks it holds.
+type holder interface {
+	ChunkSize() int64
+	Present(chunk int64) bool
 }
 
 func (r serveFrom) ReadChunk(p []byte, off int64) error {
