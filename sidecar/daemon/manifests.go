@@ -204,7 +204,9 @@ func (p *peerNode) fetchManifest(ctx context.Context, id, vol string, key peers.
 	if ref.Volume == "" {
 		return nil, "", "", fmt.Errorf("no peer had the manifest (asked %d) and template volume %s names no manifest volume", asked, vol)
 	}
+	p.d.tmpl.manifestReads.Add(1)
 	m, err := publish.ReadManifestVolume(cctx, c, ref.Volume, p.d.cfg.Cinder.Initiator, ref.Root)
+	p.d.tmpl.manifestReads.Add(-1)
 	if err != nil {
 		return nil, "", "", cinderError(err)
 	}

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -36,6 +37,9 @@ type templates struct {
 	mu     sync.Mutex
 	client *openstack.Client
 	vols   map[string]*tmplAttachment
+	// manifestReads counts manifest volumes being read now (manifests.go),
+	// whose attachments the start-up clean-up must leave alone.
+	manifestReads atomic.Int32
 }
 
 // tmplAttachment is this node's attachment of one template volume: refs
@@ -339,8 +343,34 @@ func (d *Daemon) cleanAttachments(ctx context.Context, c *openstack.Client) erro
 				log.Warn("deleted a template attachment this node left behind (no export holds it)")
 			}
 		}
+		d.cleanManifestAttachments(ctx, c, v)
 	}
 	return nil
+}
+
+// cleanManifestAttachments deletes this node's attachments of template
+// v's manifest volume (a daemon killed while reading it left them),
+// unless a manifest volume is being read now.
+func (d *Daemon) cleanManifestAttachments(ctx context.Context, c *openstack.Client, v *openstack.Volume) {
+	ref, ok, err := openstack.ParseManifestRef(v)
+	if err != nil || !ok || ref.Volume == "" {
+		return
+	}
+	mv, err := c.Volume(ctx, ref.Volume)
+	if err != nil || mv.Metadata[openstack.MetaManifestOf] != v.ID {
+		return
+	}
+	for _, id := range c.HostAttachments(mv) {
+		if d.tmpl.manifestReads.Load() > 0 {
+			return
+		}
+		log := d.log.WithFields(logrus.Fields{"manifest_volume": mv.ID, "attachment": id})
+		if err := c.Detach(ctx, id); err != nil {
+			log.WithError(err).Warn("could not delete a manifest volume attachment this node left behind")
+			continue
+		}
+		log.Warn("deleted a manifest volume attachment this node left behind")
+	}
 }
 
 func (d *Daemon) templateRoutes(mux *http.ServeMux, v string) {
