@@ -144,6 +144,10 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
         # beside the package as in a source tree.
         self.flags(api_paste_config=os.path.join(sys.prefix, "etc", "nova", "api-paste.ini"), group="wsgi")
         self.flags(virt_type="qemu", group="libvirt")
+        # Domain names of this run only: the system libvirtd is shared, and
+        # Nova's default names (instance-%08x) restart with each database.
+        self.domain_prefix = f"vmtf-{os.path.basename(self.work)[-8:]}-"
+        self.flags(instance_name_template=self.domain_prefix + "%08x")
         self.flags(api_socket=self.sidecar.api_socket, group="vmthunder")
         self.flags(resume_interval=0, group="vmthunder")
 
@@ -216,7 +220,7 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
         flavor = self.api.post_flavor({"flavor": {"name": name, "ram": ram, "vcpus": 1, "disk": 1}})
         return flavor["id"]
 
-    def _wait_server(self, server_id, status, timeout=BOOT_TIMEOUT):
+    def _wait_server(self, server_id, status, timeout=BOOT_TIMEOUT, passing=("BUILD",)):
         def settled():
             """Right after an action's API call its task state is set;
             the server has settled when it is clear again."""
@@ -227,8 +231,8 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
                 return None  # the action (set when the API accepted it) runs
             if s["status"] == status:
                 return s
-            if s["status"] == "BUILD":
-                return None  # between the conductor and the compute service
+            if s["status"] in passing:
+                return None  # e.g. between the conductor and the compute service
             # The action ended elsewhere (e.g. a stop reverted on failure).
             self.fail(f"server {server_id} settled in {s['status']}, not {status}: {s.get('fault')}")
 
@@ -259,17 +263,21 @@ class NovaOnVMThunder(test.TestCase, integrated_helpers.InstanceHelperMixin):
     def _remove_domains(self):
         """Domains of this run's instances (the shared libvirtd keeps them
         when a test fails before deleting its servers)."""
+        prefix = getattr(self, "domain_prefix", None)
+        if prefix is None:
+            return  # set up failed before Nova could make any
         conn = libvirt.open("qemu:///system")
         try:
             for dom in conn.listAllDomains():
                 try:
-                    if self.instances_path not in dom.XMLDesc(0):
+                    if not dom.name().startswith(prefix):
                         continue
                     if dom.isActive():
                         dom.destroy()
                     dom.undefine()
-                except libvirt.libvirtError:
-                    pass  # gone meanwhile
+                    print(f"removed domain {dom.name()} left by the test", file=sys.stderr)
+                except libvirt.libvirtError as e:
+                    print(f"removing a domain left by the test: {e}", file=sys.stderr)
         finally:
             conn.close()
 

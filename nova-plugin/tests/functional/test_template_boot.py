@@ -121,7 +121,8 @@ class TemplateBootTest(base.NovaOnVMThunder):
         self.assertEqual(os.path.realpath(self._store(two)), os.path.realpath(e["cow_path"]))
         self.assertFalse(os.path.exists(os.path.join(self.instances_path, two + "_resize", "disk.vmthunder")))
         self.api.post_server_action(two, {"confirmResize": None})
-        self._wait_server(two, "ACTIVE")
+        # The API sets no task state for a confirm: it runs after the call.
+        self._wait_server(two, "ACTIVE", passing=("VERIFY_RESIZE",))
         self.assertFalse(os.path.exists(os.path.join(self.instances_path, two + "_resize")))
         self.assertEqual(f"{self.guest['write_marker']} a", self._guest_write(two))
         self.assertEqual(320, self.api.get_server(two)["flavor"]["ram"])
