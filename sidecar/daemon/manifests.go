@@ -52,6 +52,7 @@ func templateVolumeOf(template string) string {
 type lateSource struct {
 	blockdev.Device // the origin, limited by [peers] origin_rate
 	raw             blockdev.Device
+	stats           *peers.SourceStats // the base's, counted here until src takes over
 	src             atomic.Pointer[peers.Source]
 	cancel          context.CancelFunc
 
@@ -62,13 +63,19 @@ type lateSource struct {
 	onStop func(*peerBase)
 }
 
-func (s *lateSource) Unwrap() blockdev.Device { return s.Device }
+// lateSource has no Unwrap: like a peers.Source it offers no asynchronous
+// read path, which would reach the origin past the peers once they fill
+// the base.
 
 func (s *lateSource) ReadAt(p []byte, off int64) (int, error) {
 	if src := s.src.Load(); src != nil {
 		return src.ReadAt(p, off)
 	}
-	return s.Device.ReadAt(p, off)
+	n, err := s.Device.ReadAt(p, off)
+	if err == nil {
+		s.stats.BytesFromOrigin.Add(uint64(n))
+	}
+	return n, err
 }
 
 func (s *lateSource) WriteAt([]byte, int64) (int, error) { return 0, blockdev.ErrReadOnly }
@@ -102,7 +109,7 @@ func (s *lateSource) Close() error {
 // lateSource starts fetching base id's manifest and returns its source.
 func (p *peerNode) lateSource(id, vol string, key peers.BaseKey, origin blockdev.Device) blockdev.Device {
 	ctx, cancel := context.WithCancel(p.d.ctx)
-	ls := &lateSource{Device: peers.LimitOrigin(origin, p.originLimit), raw: origin, cancel: cancel,
+	ls := &lateSource{Device: peers.LimitOrigin(origin, p.originLimit), raw: origin, stats: &p.statsOf(id).src, cancel: cancel,
 		onStop: func(pb *peerBase) { p.closed(id, pb) }}
 	p.mu.Lock()
 	p.reason[id] = "no manifest yet: fetching it (from a peer serving the base, else the template's manifest volume in Cinder)"
