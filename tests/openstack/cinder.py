@@ -91,7 +91,7 @@ class Rabbit:
         return self.proc.pid
 
     def wait(self):
-        procs.wait_for(lambda: procs.port_open(self.port), "RabbitMQ", timeout=90, check=self._check)
+        procs.wait_for(lambda: procs.port_open(self.port), "RabbitMQ", check=self._check)
 
     def _check(self):
         if self.proc.poll() is not None:
@@ -146,7 +146,7 @@ class Tgtd:
             os.path.join(self.dir, "tgtd.log"),
             cwd=self.dir,  # so down finds it even without the state file
         )
-        procs.wait_for(self._ready, "tgtd", timeout=20, check=self._check)
+        procs.wait_for(self._ready, "tgtd", check=self._check)
         return self.proc.pid
 
     def _ready(self):
@@ -285,7 +285,7 @@ use_chap_auth = true
         return procs.http(method, self.endpoint + path, body, self.headers())
 
     def wait(self):
-        procs.wait_for(lambda: procs.port_open(self.port), "cinder-api", timeout=120, check=self._check)
+        procs.wait_for(lambda: procs.port_open(self.port), "cinder-api", check=self._check)
 
         def services_up():
             try:
@@ -297,7 +297,12 @@ use_chap_auth = true
             up = {s["binary"] for s in body["services"] if s["state"] == "up" and s["status"] == "enabled"}
             return {"cinder-scheduler", "cinder-volume"} <= up
 
-        procs.wait_for(services_up, "cinder-scheduler and cinder-volume up", timeout=120, check=self._check)
+        procs.wait_for(
+            services_up,
+            "cinder-scheduler and cinder-volume up",
+            timeout=procs.START_TIMEOUT,
+            check=self._check,
+        )
 
         # The scheduler places volumes only on pools it has heard of.
         def pool_known():
@@ -307,7 +312,7 @@ use_chap_auth = true
                 return False
             return status == 200 and bool(body.get("pools"))
 
-        procs.wait_for(pool_known, "the file pool in the scheduler", timeout=120, check=self._check)
+        procs.wait_for(pool_known, "the file pool in the scheduler", check=self._check)
 
     def create_template_type(self):
         status, body = self.api(

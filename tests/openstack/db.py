@@ -83,7 +83,12 @@ class MariaDB:
         )
 
     def wait(self):
-        procs.wait_for(lambda: self.sql("SELECT 1").returncode == 0, "MariaDB", timeout=60, check=self._check)
+        procs.wait_for(
+            lambda: self.sql("SELECT 1").returncode == 0,
+            "MariaDB",
+            timeout=procs.START_TIMEOUT,
+            check=self._check,
+        )
 
     def create(self, name):
         r = self.sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")

@@ -108,5 +108,8 @@ policy_file = {self.etc}/policy.yaml
             return status == 200
 
         procs.wait_for(
-            lambda: procs.port_open(self.port) and versions(), "glance-api", timeout=90, check=self._check
+            lambda: procs.port_open(self.port) and versions(),
+            "glance-api",
+            timeout=procs.START_TIMEOUT,
+            check=self._check,
         )

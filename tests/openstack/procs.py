@@ -17,7 +17,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(pred, what, timeout=60.0, interval=0.2, check=None):
+# How long each service may take to come up. Generous: on a loaded 2-core
+# machine (load average 16) one start took two minutes.
+START_TIMEOUT = float(os.environ.get("VMTHUNDER_OPENSTACK_START_TIMEOUT", "300"))
+
+
+def wait_for(pred, what, timeout=START_TIMEOUT, interval=0.2, check=None):
     """Polls pred until it is true; check() is called between polls and may
     raise (a service that died) so a dead start fails at once."""
     deadline = time.monotonic() + timeout
@@ -39,7 +44,7 @@ def port_open(port, host="127.0.0.1"):
         return False
 
 
-def http(method, url, body=None, headers=None, timeout=30):
+def http(method, url, body=None, headers=None, timeout=120):
     """One JSON request; returns (status, decoded body or text)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))

@@ -41,7 +41,7 @@ class Api:
             assert status == want, f"{method} {path}: {status} {out}"
         return out
 
-    def wait_volume(self, vid, status="available", timeout=120):
+    def wait_volume(self, vid, status="available", timeout=procs.START_TIMEOUT):
         deadline = time.monotonic() + timeout
         while True:
             vol = self("GET", f"/volumes/{vid}", want=200)["volume"]
@@ -66,7 +66,7 @@ class Api:
 
     def delete_volume(self, vid):
         self("DELETE", f"/volumes/{vid}", want=202)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + procs.START_TIMEOUT
         while procs.http("GET", f"{self.info['endpoint']}/volumes/{vid}", None, self.headers)[0] != 404:
             assert time.monotonic() < deadline, f"volume {vid} not deleted"
             time.sleep(0.3)
@@ -285,7 +285,7 @@ def test_snapshots_and_clones_carry_the_bytes(api, openstack, tmp_path):
     api.wait_volume(vol["id"])
 
     snap = api("POST", "/snapshots", {"snapshot": {"volume_id": vol["id"]}}, want=202)["snapshot"]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + procs.START_TIMEOUT
     while api("GET", f"/snapshots/{snap['id']}", want=200)["snapshot"]["status"] != "available":
         assert time.monotonic() < deadline, "snapshot not available"
         time.sleep(0.3)
@@ -301,7 +301,7 @@ def test_snapshots_and_clones_carry_the_bytes(api, openstack, tmp_path):
         api.wait_volume(v["id"])
         api.delete_volume(v["id"])
     api("DELETE", f"/snapshots/{snap['id']}", want=202)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + procs.START_TIMEOUT
     while procs.http("GET", f"{openstack['endpoint']}/snapshots/{snap['id']}", None, api.headers)[0] != 404:
         assert time.monotonic() < deadline, "snapshot not deleted"
         time.sleep(0.3)
