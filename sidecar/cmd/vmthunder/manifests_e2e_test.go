@@ -120,7 +120,7 @@ func testManifestDelivery(t *testing.T, cl *cinderCloud) {
 	}
 	host := fmt.Sprintf("vmt-man-%d", os.Getpid())
 	a, gossipA := peerTmplNode(t, cl, host+"-a", ca, "nodea", "")
-	b, _ := peerTmplNode(t, cl, host+"-b", ca, "nodeb", gossipA)
+	b, gossipB := peerTmplNode(t, cl, host+"-b", ca, "nodeb", gossipA)
 	cc := cinderClient(t, a.conf)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -145,6 +145,7 @@ func testManifestDelivery(t *testing.T, cl *cinderCloud) {
 		t.Fatalf("template metadata without a manifest: %v", vol.Metadata)
 	}
 	deleteVolume(t, cc, mvolID)
+	t.Cleanup(func() { a.stop(); b.stop() }) // before the volumes are deleted: they detach
 	mvol, err := cc.Volume(ctx, mvolID)
 	if err != nil {
 		t.Fatal(err)
@@ -240,6 +241,14 @@ func testManifestDelivery(t *testing.T, cl *cinderCloud) {
 	// test fault; B opens the base again without its manifest, refuses
 	// A's, counts it, and reads the manifest volume.
 	a.stop()
+	// A was the seed: back, it joins B.
+	confA, err := os.ReadFile(a.conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(a.conf, bytes.Replace(confA, []byte("join = \n"), []byte("join = "+gossipB+"\n"), 1), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	t.Setenv(daemon.TestFaultEnv, "corrupt-peer-manifests")
 	a.start()
 	os.Unsetenv(daemon.TestFaultEnv)
