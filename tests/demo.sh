@@ -6,12 +6,12 @@
 #
 # --openstack: the same job through OpenStack's compute API (Nova's own
 # services with the VMThunder driver, a real Cinder holding the template;
-# tests/demo/openstack.py), baseline = stock Nova's image cache. Needs the
+# tests/demo/nova_wave.py), baseline = stock Nova's image cache. Needs the
 # venv (make venv); PYTHON overrides it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--openstack" ]; then
 	shift
-	exec "${PYTHON:-.venv/bin/python}" tests/demo/openstack.py "$@"
+	exec "${PYTHON:-.venv/bin/python}" tests/demo/nova_wave.py "$@"
 fi
 exec go run ./tests/demo "$@"

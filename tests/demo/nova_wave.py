@@ -13,7 +13,8 @@ twice in the same run:
     root disk is a copy-on-write export over its one shared base.
 
 It prints a table per server and writes demo-report.json. Run as root with
-the venv's python (tests/demo.sh --openstack does).
+the venv's python (tests/demo.sh --openstack does). Not named openstack.py: its directory is
+sys.path[0], and Nova imports the openstack SDK.
 """
 
 import argparse
