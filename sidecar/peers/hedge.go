@@ -20,12 +20,16 @@ type HedgingFetcher interface {
 
 // Hedging: a chunk request that has not been answered after the hedge
 // delay (about the 95th percentile of the recent successful fetches) is
-// sent again to the same home on the spare connection — a stalled TCP
-// connection then costs one delay, not the client's timeout, and the home
-// still fills the chunk once — and after further delays asked cached-only
-// of the next candidates, which answer only if they hold it. The first
-// verified answer wins; the others are cancelled. The origin is read only
-// when every candidate failed or timed out.
+// asked again, cached-only, of the same home on the spare connection — a
+// stalled TCP connection then costs one delay, not the client's timeout —
+// and after further delays of the next candidates. A cached-only request
+// is answered only by a member that holds the chunk, so a hedge never
+// makes a member read its origin, and a home busy filling the chunk is
+// not sent it twice. The first verified answer wins. The others are not
+// cancelled but finish in the background (bounded by the client's
+// timeout) and are counted, so that what members served and what this
+// node received still agree. The origin is read only when every
+// candidate failed or timed out.
 const (
 	hedgeFloor      = 10 * time.Millisecond  // below this a hedge is mostly waste
 	hedgeCap        = 500 * time.Millisecond // a slow cluster still hedges well before the timeout
@@ -92,8 +96,7 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 	}
 	hf, hedging := s.o.Fetcher.(HedgingFetcher)
 	req := Request{Base: s.o.Key, ChunkSize: s.o.Manifest.ChunkSize, Index: c}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	ctx := context.Background()
 	// Room for every attempt that can be launched, so that none blocks
 	// once this returns.
 	done := make(chan *attempt, 2*s.o.MaxAttempts+maxCachedHedges)
@@ -136,9 +139,8 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 			switch {
 			case !spareSent:
 				spareSent = true
-				filling++
 				pending++
-				launch(cands[full], FetchMode{Spare: true}, true)
+				launch(cands[full], FetchMode{Spare: true, CachedOnly: true}, true)
 			case next < len(cands) && cachedSent < maxCachedHedges:
 				cachedSent++
 				pending++
@@ -153,9 +155,13 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 			if !a.mode.CachedOnly {
 				filling--
 			}
-			ok := s.settle(c, a, q)
+			ok := s.settle(c, a, len(q), true)
+			if ok {
+				copy(q, (*a.buf)[:len(q)])
+			}
 			s.putBuf(req.ChunkSize, a.buf)
 			if ok {
+				go s.settleLate(c, done, pending, len(q), req.ChunkSize)
 				return true
 			}
 			// The candidate filling has failed: the next one fills, as
@@ -177,9 +183,22 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 	return false
 }
 
-// settle counts the outcome of attempt a at chunk c and, when it is a
-// verified answer, copies it into q.
-func (s *Source) settle(c int64, a *attempt, q []byte) bool {
+// settleLate counts the n attempts still in flight when chunk c was
+// answered: their bytes were sent all the same.
+func (s *Source) settleLate(c int64, done <-chan *attempt, n, size int, chunkSize int64) {
+	for range n {
+		a := <-done
+		if s.settle(c, a, size, false) {
+			s.stats.HedgeWasteBytes.Add(uint64(size))
+		}
+		s.putBuf(chunkSize, a.buf)
+	}
+}
+
+// settle counts the outcome of attempt a at chunk c, a chunk of size
+// bytes, and reports whether it is a verified answer; used says whether
+// the answer is the one the chunk is read from.
+func (s *Source) settle(c int64, a *attempt, size int, used bool) bool {
 	name := a.peer.Name
 	if a.err != nil {
 		var fe *FetchError
@@ -195,24 +214,25 @@ func (s *Source) settle(c int64, a *attempt, q []byte) bool {
 		}
 		return false
 	}
-	p := (*a.buf)[:len(q)]
+	p := (*a.buf)[:size]
 	if !s.o.Manifest.Verify(c, p) {
 		s.o.Traffic.observe(OutcomeCorrupt, a.took)
 		s.stats.CorruptChunks.Add(1)
 		s.markDown(name)
 		return false
 	}
-	copy(q, p)
 	s.answered(name)
 	s.lat.observe(a.took)
 	s.o.Traffic.observe(OutcomeOK, a.took)
-	s.o.Traffic.received(name, len(q))
+	s.o.Traffic.received(name, size)
 	s.stats.PeerFetchNanos.Add(uint64(a.took))
 	s.stats.PeerFetches.Add(1)
-	s.stats.ChunksFromPeers.Add(1)
-	s.stats.BytesFromPeers.Add(uint64(len(q)))
-	if a.hedge {
-		s.stats.HedgeWins.Add(1)
+	s.stats.BytesFromPeers.Add(uint64(size))
+	if used {
+		s.stats.ChunksFromPeers.Add(1)
+		if a.hedge {
+			s.stats.HedgeWins.Add(1)
+		}
 	}
 	return true
 }

@@ -57,6 +57,8 @@ type SourceOptions struct {
 // SourceStats are a Source's counters; the fields are safe to read while
 // sources count.
 type SourceStats struct {
+	// ChunksFromPeers counts the chunks read from peers, BytesFromPeers
+	// the verified bytes received from them (with HedgeWasteBytes).
 	ChunksFromPeers, BytesFromPeers   atomic.Uint64
 	ChunksFromOrigin, BytesFromOrigin atomic.Uint64
 	// CorruptChunks counts chunks from peers that failed verification
@@ -69,8 +71,10 @@ type SourceStats struct {
 	PeerFetchNanos, PeerFetches atomic.Uint64
 	// Hedges counts hedged requests (see fromPeers), HedgeWins the chunks
 	// a hedge answered, NotHeld the cached-only hedges a peer could not
-	// answer.
-	Hedges, HedgeWins, NotHeld atomic.Uint64
+	// answer. HedgeWasteBytes are the verified bytes of answers that came
+	// after the chunk was had from another request (they are in
+	// BytesFromPeers too: the bytes received).
+	Hedges, HedgeWins, NotHeld, HedgeWasteBytes atomic.Uint64
 }
 
 // Source is the device a template base's cache fills from: a chunk is
