@@ -174,7 +174,15 @@ func testManifestDelivery(t *testing.T, cl *cinderCloud) {
 		t.Fatal(err)
 	}
 	base := xa.Base
+	// A guest's read never waits for the manifest (it may still be coming:
+	// then the origin answers).
+	if got, err := readNBD(filepath.Join(t.TempDir(), "early.raw"), xa.Socket, xa.ID, 1<<20); err != nil || !bytes.Equal(got, data[:1<<20]) {
+		t.Fatalf("an early read: %v", err)
+	}
 	pa := basePeers(t, a, base, "filled from peers", func(p *api.BasePeers) bool { return p.Source == "peers" })
+	if logb, _ := os.ReadFile(a.log); !bytes.Contains(logb, []byte("fetching it in the background")) || !bytes.Contains(logb, []byte("manifest arrived")) {
+		t.Error("node A did not log the manifest's fetch and arrival")
+	}
 	if pa.ManifestRoot != root || pa.ManifestFrom != "manifest volume "+mvolID {
 		t.Fatalf("node A's manifest: %+v, want root %s from manifest volume %s", pa, root, mvolID)
 	}
