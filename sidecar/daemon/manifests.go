@@ -36,6 +36,9 @@ const maxManifestPeers = 3
 // errNoManifestRef: the template was published without a manifest.
 var errNoManifestRef = errors.New("the template volume names no manifest (published before manifests were; republish it, or vmthunder manifest import)")
 
+// errManifestUnfit: the template's manifest cannot be used for the base.
+var errManifestUnfit = errors.New("the template's manifest does not fit the base")
+
 // templateVolumeOf is the Cinder volume of a template_volume base's
 // template ("tmpl-<uuid>"), "" for any other template.
 func templateVolumeOf(template string) string {
@@ -143,6 +146,11 @@ func (p *peerNode) deliverManifest(ctx context.Context, id, vol string, key peer
 			if err == nil {
 				return
 			}
+			if ae := (*api.Error)(nil); errors.As(err, &ae) && ae.Status < 500 || errors.Is(err, peers.ErrManifest) {
+				// The manifest Cinder vouches for does not fit this base
+				// (another size): fetching it again would not help.
+				err = fmt.Errorf("%w: %w", errManifestUnfit, err)
+			}
 		}
 		if ctx.Err() != nil {
 			return
@@ -152,7 +160,7 @@ func (p *peerNode) deliverManifest(ctx context.Context, id, vol string, key peer
 			p.reason[id] = "no manifest: " + err.Error()
 		}
 		p.mu.Unlock()
-		if errors.Is(err, errNoManifestRef) {
+		if errors.Is(err, errNoManifestRef) || errors.Is(err, errManifestUnfit) {
 			log.WithError(err).Warn("peers: base fills from its origin only")
 			return
 		}
