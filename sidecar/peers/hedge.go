@@ -196,21 +196,24 @@ func (s *Source) settleLate(c int64, done <-chan *attempt, n, size int, chunkSiz
 }
 
 // settle counts the outcome of attempt a at chunk c, a chunk of size
-// bytes, and reports whether it is a verified answer; used says whether
-// the answer is the one the chunk is read from.
+// bytes, and reports whether it is a verified answer. used is false for
+// an attempt that ended after the chunk was had: only its bytes, and bad
+// bytes, are counted (it held no read; its member was slow, not dead).
 func (s *Source) settle(c int64, a *attempt, size int, used bool) bool {
 	name := a.peer.Name
 	if a.err != nil {
 		var fe *FetchError
 		isFE := errors.As(a.err, &fe)
-		if a.mode.CachedOnly && isFE && fe.Status == http.StatusNotFound {
+		switch {
+		case !used:
+		case a.mode.CachedOnly && isFE && fe.Status == http.StatusNotFound:
 			s.stats.NotHeld.Add(1)
-			return false
-		}
-		s.o.Traffic.observe(fetchOutcome(a.err), a.took)
-		s.stats.PeerErrors.Add(1)
-		if !isFE || fe.Unavailable {
-			s.failed(name)
+		default:
+			s.o.Traffic.observe(fetchOutcome(a.err), a.took)
+			s.stats.PeerErrors.Add(1)
+			if !isFE || fe.Unavailable {
+				s.failed(name)
+			}
 		}
 		return false
 	}
@@ -221,18 +224,19 @@ func (s *Source) settle(c int64, a *attempt, size int, used bool) bool {
 		s.markDown(name)
 		return false
 	}
-	s.answered(name)
-	s.lat.observe(a.took)
-	s.o.Traffic.observe(OutcomeOK, a.took)
 	s.o.Traffic.received(name, size)
+	s.stats.BytesFromPeers.Add(uint64(size))
+	s.lat.observe(a.took)
+	if !used {
+		return true
+	}
+	s.answered(name)
+	s.o.Traffic.observe(OutcomeOK, a.took)
 	s.stats.PeerFetchNanos.Add(uint64(a.took))
 	s.stats.PeerFetches.Add(1)
-	s.stats.BytesFromPeers.Add(uint64(size))
-	if used {
-		s.stats.ChunksFromPeers.Add(1)
-		if a.hedge {
-			s.stats.HedgeWins.Add(1)
-		}
+	s.stats.ChunksFromPeers.Add(1)
+	if a.hedge {
+		s.stats.HedgeWins.Add(1)
 	}
 	return true
 }
