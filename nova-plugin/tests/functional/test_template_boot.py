@@ -127,6 +127,19 @@ class TemplateBootTest(base.NovaOnVMThunder):
         self.assertEqual(f"{self.guest['write_marker']} a", self._guest_write(two))
         self.assertEqual(320, self.api.get_server(two)["flavor"]["ram"])
 
+        # Resize and revert: the store goes back with the old directory.
+        three = ids[2]
+        self.api.post_server_action(three, {"resize": {"flavorRef": bigger}})
+        self._wait_server(three, "VERIFY_RESIZE")
+        self.api.post_server_action(three, {"revertResize": None})
+        self._wait_server(three, "ACTIVE")
+        self._wait_booted(three, "a")
+        e = self._exports()[f"{three}.disk"]
+        self.assertEqual(os.path.realpath(self._store(three)), os.path.realpath(e["cow_path"]))
+        self.assertFalse(os.path.exists(os.path.join(self.instances_path, three + "_resize")))
+        self.assertEqual(f"{self.guest['write_marker']} a", self._guest_write(three))
+        self.assertEqual(256, self.api.get_server(three)["flavor"]["ram"])
+
         # An image without a template boots the stock way (Nova's image
         # cache, a qcow2 root disk), and the warning says why.
         self.flags(publish_missing_templates=True, group="vmthunder")
