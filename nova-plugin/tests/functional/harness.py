@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -32,12 +31,13 @@ for path in _paths:
 from vmthunder_brick import SidecarClient  # noqa: E402
 
 
-def sidecar_binary():
-    path = os.environ.get("VMTHUNDER_BIN") or os.path.join(REPO, "bin", "vmthunder")
-    if not os.environ.get("VMTHUNDER_BIN"):
-        # Build to our own path: others rebuild bin/vmthunder at any time.
-        path = os.path.join(tempfile.gettempdir(), f"vmthunder-functional-{os.getpid()}")
-        subprocess.run(["go", "build", "-o", path, "./sidecar/cmd/vmthunder"], cwd=REPO, check=True)
+def sidecar_binary(workdir):
+    """$VMTHUNDER_BIN, else one built into workdir (bin/vmthunder may be
+    rebuilt by anyone at any time)."""
+    if os.environ.get("VMTHUNDER_BIN"):
+        return os.environ["VMTHUNDER_BIN"]
+    path = os.path.join(workdir, "vmthunder")
+    subprocess.run(["go", "build", "-o", path, "./sidecar/cmd/vmthunder"], cwd=REPO, check=True)
     return path
 
 
@@ -84,7 +84,7 @@ class Sidecar:
 
     def __init__(self, workdir, instances_path, cloud, binary=None):
         self.workdir = workdir
-        self.binary = binary or sidecar_binary()
+        self.binary = binary or sidecar_binary(workdir)
         self.api_socket = os.path.join(workdir, "api.sock")
         self.nbd_dir = os.path.join(workdir, "nbd")
         self.config = os.path.join(workdir, "vmthunder.conf")
