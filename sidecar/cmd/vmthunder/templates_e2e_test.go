@@ -79,18 +79,28 @@ func cinderClient(t *testing.T, conf string) *openstack.Client {
 }
 
 // deleteVolume removes a volume the test made when it ends (each
-// project has a volume quota).
+// project has a volume quota), and the manifest volume publish made with
+// it.
 func deleteVolume(t *testing.T, c *openstack.Client, id string) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		if _, err := c.WaitStatus(ctx, id, time.Minute, nil, "available", "error"); err != nil && !openstack.IsNotFound(err) {
-			t.Logf("volume %s: %v", id, err)
+		if v, err := c.Volume(ctx, id); err == nil {
+			if mv := v.Metadata[openstack.MetaManifestVolume]; mv != "" {
+				deleteNow(t, ctx, c, mv)
+			}
 		}
-		if err := c.DeleteVolume(ctx, id); err != nil && !openstack.IsNotFound(err) {
-			t.Errorf("deleting volume %s: %v", id, err)
-		}
+		deleteNow(t, ctx, c, id)
 	})
+}
+
+func deleteNow(t *testing.T, ctx context.Context, c *openstack.Client, id string) {
+	if _, err := c.WaitStatus(ctx, id, time.Minute, nil, "available", "error"); err != nil && !openstack.IsNotFound(err) {
+		t.Logf("volume %s: %v", id, err)
+	}
+	if err := c.DeleteVolume(ctx, id); err != nil && !openstack.IsNotFound(err) {
+		t.Errorf("deleting volume %s: %v", id, err)
+	}
 }
 
 // hostAttachments are the attachments host holds on volume id, per Cinder.
