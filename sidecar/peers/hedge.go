@@ -37,6 +37,10 @@ const (
 	latencySamples  = 128
 	latencyMinCount = 16
 	maxCachedHedges = 2
+	// maxSpareHedges per candidate asked to fill: a second spare hedge
+	// catches a connection that stalls after the chunk was filled (the
+	// first was answered "not held" while the home was filling it).
+	maxSpareHedges = 2
 	// downAfter consecutive failures (no answer, or an error answer) put a
 	// member in cooldown: one timeout on a busy node is not a dead node.
 	downAfter = 2
@@ -99,7 +103,7 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 	ctx := context.Background()
 	// Room for every attempt that can be launched, so that none blocks
 	// once this returns.
-	done := make(chan *attempt, 2*s.o.MaxAttempts+maxCachedHedges)
+	done := make(chan *attempt, s.o.MaxAttempts*(1+maxSpareHedges)+maxCachedHedges)
 	launch := func(peer Peer, mode FetchMode, hedge bool) {
 		a := &attempt{peer: peer, mode: mode, hedge: hedge, buf: s.buf(req.ChunkSize)}
 		if hedge {
@@ -118,8 +122,9 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 		}()
 	}
 
-	full, fulls := 0, 1 // the candidate asked to fill (cands[full]), full requests sent
-	spareSent := false
+	full, fulls := 0, 1              // the candidate asked to fill (cands[full]), full requests sent
+	spares, sparePending := 0, false // spare hedges of cands[full]
+	ticks := 0
 	next := 1 // the next candidate to ask cached-only
 	cachedSent := 0
 	filling, pending := 1, 1 // requests in flight that may fill, and all
@@ -127,7 +132,10 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 
 	var tick <-chan time.Time
 	var timer *time.Timer
-	delay := s.lat.hedgeDelay()
+	// Each hedge waits twice as long as the one before: a home that is
+	// slow because it is filling the chunk gets a few hedges, not many.
+	base := s.lat.hedgeDelay()
+	delay := base
 	if hedging {
 		timer = time.NewTimer(delay)
 		defer timer.Stop()
@@ -136,12 +144,16 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 	for pending > 0 {
 		select {
 		case <-tick:
+			ticks++
+			canSpare := !sparePending && spares < maxSpareHedges
+			canCached := next < len(cands) && cachedSent < maxCachedHedges
 			switch {
-			case !spareSent:
-				spareSent = true
+			case canSpare && (ticks%2 == 1 || !canCached): // home and others in turn
+				spares++
+				sparePending = true
 				pending++
 				launch(cands[full], FetchMode{Spare: true, CachedOnly: true}, true)
-			case next < len(cands) && cachedSent < maxCachedHedges:
+			case canCached:
 				cachedSent++
 				pending++
 				launch(cands[next], FetchMode{CachedOnly: true}, true)
@@ -149,11 +161,15 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 			default:
 				continue
 			}
+			delay *= 2
 			timer.Reset(delay)
 		case a := <-done:
 			pending--
 			if !a.mode.CachedOnly {
 				filling--
+			}
+			if a.mode.Spare {
+				sparePending = false
 			}
 			ok := s.settle(c, a, len(q), true)
 			if ok {
@@ -170,11 +186,12 @@ func (s *Source) fromPeers(c int64, q []byte) bool {
 				full++
 				fulls++
 				next = max(next, full+1)
-				spareSent = false
+				spares, sparePending = 0, false
 				filling++
 				pending++
 				launch(cands[full], FetchMode{}, false)
 				if timer != nil {
+					delay = base
 					timer.Reset(delay)
 				}
 			}

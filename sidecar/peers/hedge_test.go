@@ -305,3 +305,38 @@ func TestCachedOnlyRequest(t *testing.T) {
 		t.Fatal("wrong bytes, or read from the origin again")
 	}
 }
+
+// The home's connection stalls after it filled the chunk: its first spare
+// hedge came while it was filling ("not held"), a second one answers.
+func TestHedgeSpareAgainAfterFill(t *testing.T) {
+	var h *hedgeSetup
+	var mu sync.Mutex
+	spares := 0
+	f := &hedgeFetcher{}
+	f.answer = func(ctx context.Context, p Peer, mode FetchMode, q []byte) error {
+		switch {
+		case p.Name != h.ranked[0]:
+			return &FetchError{Peer: p.Name, Status: http.StatusNotFound, Err: errors.New("not held")}
+		case mode.Spare:
+			mu.Lock()
+			spares++
+			first := spares == 1
+			mu.Unlock()
+			if first {
+				return &FetchError{Peer: p.Name, Status: http.StatusNotFound, Err: errors.New("not held")}
+			}
+			copy(q, h.bytesOf())
+			return nil
+		}
+		return hang(ctx, 3*time.Second)
+	}
+	h = newHedgeSetup(t, f)
+	if took := h.read(t); took > time.Second {
+		t.Fatalf("the read took %v", took)
+	}
+	st := h.src.Stats()
+	if spares != 2 || st.HedgeWins.Load() != 1 || st.NotHeld.Load() == 0 || h.origin.total.Load() != 0 || st.PeerErrors.Load() != 0 {
+		t.Fatalf("spare hedges %d, wins %d, not held %d, origin bytes %d, errors %d; requests %q",
+			spares, st.HedgeWins.Load(), st.NotHeld.Load(), h.origin.total.Load(), st.PeerErrors.Load(), f.requests())
+	}
+}
