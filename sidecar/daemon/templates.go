@@ -118,8 +118,8 @@ func (d *Daemon) resolveTemplate(r *Record) error {
 		return api.BadRequest(api.CodeInvalid, "template_volume %s: %v", r.TemplateVolume, err)
 	case err != nil:
 		return cinderError(err)
-	case t.Status != "available" && t.Status != "in-use":
-		return api.Errorf(http.StatusConflict, api.CodeConflict, "template volume %s is %s (want available or in-use)", r.TemplateVolume, t.Status)
+	case !openstack.TemplateServable(t.Status):
+		return api.Errorf(http.StatusConflict, api.CodeConflict, "template volume %s is %s (want available, in-use, or an attach or detach under way)", r.TemplateVolume, t.Status)
 	}
 	r.TemplateVolume = t.VolumeID
 	r.Base, r.Generation, r.ChunkSize = api.TemplateBase(t.VolumeID), t.Generation, t.ChunkSize

@@ -3,6 +3,8 @@ package openstack
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"time"
 
 	"github.com/gophercloud/gophercloud/v2"
 	"github.com/gophercloud/gophercloud/v2/openstack/blockstorage/v3/attachments"
@@ -44,14 +46,13 @@ func (b createBody) ToAttachmentCreateMap() (map[string]any, error) {
 // connection_info (checked: iscsi, parsable by origin). A failure after
 // the create deletes the attachment again.
 func (c *Client) Attach(ctx context.Context, volumeID, mode string) (*Attachment, error) {
-	a, err := attachments.Create(ctx, c.bs, createBody{VolumeUUID: volumeID,
-		Connector: c.Connector(mode), Mode: mode}).Extract()
+	a, err := c.BeginAttach(ctx, volumeID, mode)
 	if err != nil {
-		return nil, wrap("attach volume "+volumeID, err)
+		return nil, err
 	}
 	ci, err := ISCSIData(a.ConnectionInfo)
 	if err == nil {
-		err = wrap("complete attachment "+a.ID, attachments.Complete(ctx, c.bs, a.ID).ExtractErr())
+		err = c.CompleteAttach(ctx, a.ID)
 	}
 	if err != nil {
 		if derr := c.Detach(context.WithoutCancel(ctx), a.ID); derr != nil {
@@ -60,6 +61,50 @@ func (c *Client) Attach(ctx context.Context, volumeID, mode string) (*Attachment
 		return nil, err
 	}
 	return &Attachment{ID: a.ID, VolumeID: volumeID, ConnectionInfo: ci}, nil
+}
+
+// BeginAttach creates an attachment without completing it (the volume
+// stays reserved or attaching until CompleteAttach). Cinder refuses a new
+// attachment while a multi-attach volume is reserved, attaching or
+// detaching for someone else, which lasts only while that other attach
+// or detach runs: then the create is retried, with backoff, until ctx ends.
+func (c *Client) BeginAttach(ctx context.Context, volumeID, mode string) (*attachments.Attachment, error) {
+	wait := 200 * time.Millisecond
+	for {
+		a, err := attachments.Create(ctx, c.bs, createBody{VolumeUUID: volumeID,
+			Connector: c.Connector(mode), Mode: mode}).Extract()
+		if err == nil {
+			return a, nil
+		}
+		if !gophercloud.ResponseCodeIs(err, http.StatusBadRequest) || !c.busyElsewhere(ctx, volumeID) {
+			return nil, wrap("attach volume "+volumeID, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, wrap("attach volume "+volumeID+" (it stayed busy with another attach or detach)", err)
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
+}
+
+// busyElsewhere reports whether volume id is in the middle of an attach
+// or detach (its status says so), the one refusal worth waiting out.
+func (c *Client) busyElsewhere(ctx context.Context, id string) bool {
+	v, err := c.Volume(ctx, id)
+	if err != nil {
+		return false
+	}
+	switch v.Status {
+	case "reserved", "attaching", "detaching":
+		return true
+	}
+	return false
+}
+
+// CompleteAttach marks attachment id complete (the volume becomes in-use).
+func (c *Client) CompleteAttach(ctx context.Context, attachmentID string) error {
+	return wrap("complete attachment "+attachmentID, attachments.Complete(ctx, c.bs, attachmentID).ExtractErr())
 }
 
 // Detach deletes an attachment; one already gone is not an error.

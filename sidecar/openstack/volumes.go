@@ -125,7 +125,7 @@ func (c *Client) Templates(ctx context.Context, imageID string) ([]api.Template,
 				if seen++; seen > MaxTemplates {
 					return false, fmt.Errorf("more than %d template volumes", MaxTemplates)
 				}
-				if vs[i].Status != "available" && vs[i].Status != "in-use" {
+				if !TemplateServable(vs[i].Status) {
 					continue
 				}
 				t, err := ParseTemplate(&vs[i])
@@ -265,4 +265,17 @@ func findMessage(body []byte) string {
 		}
 	}
 	return ""
+}
+
+// TemplateServable reports whether a template volume in status can be
+// attached and read. A read-only multi-attach volume passes through
+// reserved, attaching and detaching whenever any node attaches or detaches
+// it; its content is the same throughout, so those states do not hide it
+// from a node that boots at the same moment.
+func TemplateServable(status string) bool {
+	switch status {
+	case "available", "in-use", "reserved", "attaching", "detaching":
+		return true
+	}
+	return false
 }

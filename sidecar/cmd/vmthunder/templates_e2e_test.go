@@ -78,6 +78,22 @@ func cinderClient(t *testing.T, conf string) *openstack.Client {
 	return c
 }
 
+// otherNodeClient is a Cinder client of the node's config under another
+// host name: a second compute node's attachments.
+func otherNodeClient(t *testing.T, conf, host string) *openstack.Client {
+	t.Helper()
+	cfg, _, err := config.Load(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Cinder.Host = host
+	c, err := openstack.New(context.Background(), cfg.Cinder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // deleteVolume removes a volume the test made when it ends (each
 // project has a volume quota), and the manifest volume publish made with
 // it.
@@ -186,14 +202,39 @@ func testTemplateVolumes(t *testing.T, cl *cinderCloud) {
 		t.Fatalf("templates of another image: %v %+v", err, l)
 	}
 
+	// Another node is in the middle of attaching the template (its
+	// attachment made, not yet complete: Cinder refuses new ones): this
+	// node's first export waits it out instead of failing.
+	other := otherNodeClient(t, node.conf, "other-"+host)
+	pending, err := other.BeginAttach(ctx, pub.VolumeID, openstack.ModeRO)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Detach(context.Background(), pending.ID) })
+	completed := make(chan error, 1)
+	go func() {
+		time.Sleep(3 * time.Second)
+		completed <- other.CompleteAttach(ctx, pending.ID)
+	}()
+
 	// Two cow exports: one base, one attachment, the file's bytes.
 	var exps [2]*apiExport
+	began := time.Now()
 	for i := range exps {
 		e, err := ac.Create(ctx, apiCreate(fmt.Sprintf("vm%d", i), pub.VolumeID))
 		if err != nil {
 			t.Fatalf("create vm%d: %v", i, err)
 		}
 		exps[i] = e
+	}
+	if waited := time.Since(began); waited < 2500*time.Millisecond {
+		t.Errorf("the exports were made after %v, before the other node's attach completed (3 s)", waited)
+	}
+	if err := <-completed; err != nil {
+		t.Fatalf("the other node's attach: %v", err)
+	}
+	if err := other.Detach(ctx, pending.ID); err != nil {
+		t.Fatal(err)
 	}
 	if exps[0].Base != exps[1].Base || !strings.HasPrefix(exps[0].Base, "tmpl-"+pub.VolumeID+".g") ||
 		exps[0].TemplateVolume != pub.VolumeID || exps[0].Generation != gen || exps[0].Template != "tmpl-"+pub.VolumeID {
