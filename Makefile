@@ -9,7 +9,7 @@ GOFLAGS   ?=
 FUZZTIME  ?= 10s
 BIN       := bin/vmthunder
 
-.PHONY: all build test test-go test-fuzz test-python python-deps lint bench bench-bulk demo clean
+.PHONY: all build test test-go test-fuzz test-python python-deps lint bench bench-bulk demo demo-openstack clean
 
 all: build
 
@@ -66,8 +66,13 @@ bench: build
 bench-bulk: build
 	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/bench/bench-bulk.sh
 
+# DEMO_ARGS=--openstack: the same wave through Nova's compute API
+# (Nova's own services, a real Cinder, templates); also `make demo-openstack`.
 demo: build
-	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/demo.sh
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/demo.sh $(DEMO_ARGS)
+
+demo-openstack: build
+	VMTHUNDER_BIN=$(CURDIR)/$(BIN) bash tests/demo.sh --openstack
 
 clean:
 	rm -rf bin

@@ -15,3 +15,7 @@ rm -rf cinder-connector/build nova-plugin/build ./*/*.egg-info
 "$PY" -c 'import nova.virt.vmthunder, vmthunder_brick' >/dev/null
 "$PY" -m pytest -q -p no:cacheprovider --rootdir "$PWD" --timeout 300 \
     -W ignore::DeprecationWarning cinder-connector/tests nova-plugin/tests tests/openstack
+# Nova's own services (in-process API, conductor, scheduler, placement)
+# booting servers through the driver: run the way Nova's functional tests
+# are (testtools), not under pytest (nova-plugin/tests/functional/README.md).
+"$PY" -m testtools.run discover -s nova-plugin/tests/functional -t nova-plugin/tests/functional
