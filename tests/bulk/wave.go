@@ -3,7 +3,6 @@ package bulk
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -77,7 +76,7 @@ func NewLab(o Options) (l *Lab, err error) {
 	if o.Image.Size != o.Trace.ImageSize {
 		return nil, fmt.Errorf("the trace is of a %d-byte image, the guest image has %d: re-record it (tests/bulk/testdata/README.md)", o.Trace.ImageSize, o.Image.Size)
 	}
-	if sum, err := fileSHA256(o.Image.Root); err != nil {
+	if sum, err := guestimage.FileSHA256(o.Image.Root); err != nil {
 		return nil, err
 	} else if sum != o.Trace.ImageSHA256 {
 		return nil, fmt.Errorf("the trace was recorded from another guest image (sha256 %s, this one %s): re-record it (tests/bulk/testdata/README.md)", o.Trace.ImageSHA256, sum)
@@ -558,17 +557,4 @@ func (l *Lab) replayDirect(ctx context.Context, i int, verify bool) (*Result, er
 	}
 	r.Boot = time.Duration(r.BootMS * float64(time.Millisecond))
 	return &r, nil
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }

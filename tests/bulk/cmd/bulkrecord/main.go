@@ -10,11 +10,8 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -22,6 +19,7 @@ import (
 	"github.com/vmthunder/vmthunder/internal/testbin"
 	"github.com/vmthunder/vmthunder/tests/bulk"
 	"github.com/vmthunder/vmthunder/tests/e2e"
+	"github.com/vmthunder/vmthunder/tests/guestimage"
 )
 
 func main() {
@@ -35,26 +33,13 @@ func main() {
 	}
 }
 
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
 func run(out string) error {
 	rig, err := e2e.NewBenchRig("vmthunder-bulkrecord-")
 	if err != nil {
 		return err
 	}
 	defer rig.Close()
-	sum, err := fileSHA256(rig.Image.Root)
+	sum, err := guestimage.FileSHA256(rig.Image.Root)
 	if err != nil {
 		return err
 	}
