@@ -16,12 +16,10 @@ import (
 	"github.com/vmthunder/vmthunder/sidecar/config"
 )
 
-// A COW store in a directory a real unprivileged user owns (Nova's
-// instances directory, as nova): every symlink, hard link and rename that
-// user can make there is refused or harmless; the daemon writes nothing
-// outside the directory, and the store is root:api_group 0640, readable
-// and not writable by that user.
-func TestCowStoreInNovaOwnedDirectory(t *testing.T) {
+// novaUser is the uid and gid of vmt-nova (in group vmt-api, the API
+// group), an unprivileged user standing for Nova, made if missing.
+func novaUser(t *testing.T) (uid, gid int) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test runs as root (make test does): it creates a user and acts as it")
 	}
@@ -30,8 +28,18 @@ func TestCowStoreInNovaOwnedDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	return uid, gid
+}
+
+// A COW store in a directory a real unprivileged user owns (Nova's
+// instances directory, as nova): every symlink, hard link and rename that
+// user can make there is refused or harmless; the daemon writes nothing
+// outside the directory, and the store is root:api_group 0640, readable
+// and not writable by that user.
+func TestCowStoreInNovaOwnedDirectory(t *testing.T) {
+	uid, gid := novaUser(t)
 	var inst string
 	e := newEnv(t, func(c *config.Config) {
 		c.APIGroup = "vmt-api"
@@ -185,16 +193,7 @@ done`, inst, victims["victim"])
 // itself can be swapped: it is walked from / without following symlinks,
 // and a symlink put in its place is refused.
 func TestCowAllowedDirInNovaHome(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test runs as root (make test does): it creates a user and acts as it")
-	}
-	ensureUser(t, "vmt-nova", "vmt-api")
-	u, err := user.Lookup("vmt-nova")
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
+	uid, gid := novaUser(t)
 	var home, inst string
 	e := newEnv(t, func(c *config.Config) {
 		c.APIGroup = "vmt-api"
