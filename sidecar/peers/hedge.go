@@ -22,7 +22,8 @@ type HedgingFetcher interface {
 // delay (about the 95th percentile of the recent successful fetches) is
 // asked again, cached-only, of the same home on the spare connection — a
 // stalled TCP connection then costs one delay, not the client's timeout —
-// and after further delays of the next candidates. A cached-only request
+// then of the next candidate, and so on in turn, each hedge waiting twice
+// as long as the one before (maxSpareHedges, maxCachedHedges). A cached-only request
 // is answered only by a member that holds the chunk, so a hedge never
 // makes a member read its origin, and a home busy filling the chunk is
 // not sent it twice. The first verified answer wins. The others are not

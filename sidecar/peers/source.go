@@ -35,8 +35,9 @@ type SourceOptions struct {
 	Manifest *Manifest
 	Members  Members
 	Fetcher  Fetcher
-	// MaxAttempts is how many peers are asked for a chunk before the
-	// origin (default 2: the home and the next candidate).
+	// MaxAttempts is how many peers are asked to fill a chunk before the
+	// origin (default 2: the home and the next candidate); the
+	// cached-only hedges of a HedgingFetcher come on top (hedge.go).
 	MaxAttempts int
 	// Cooldown is how long a peer that failed twice in a row, or
 	// answered with bytes that fail verification, is skipped (default
