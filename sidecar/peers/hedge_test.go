@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"net/http"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -338,5 +341,79 @@ func TestHedgeSpareAgainAfterFill(t *testing.T) {
 	if spares != 2 || st.HedgeWins.Load() != 1 || st.NotHeld.Load() == 0 || h.origin.total.Load() != 0 || st.PeerErrors.Load() != 0 {
 		t.Fatalf("spare hedges %d, wins %d, not held %d, origin bytes %d, errors %d; requests %q",
 			spares, st.HedgeWins.Load(), st.NotHeld.Load(), h.origin.total.Load(), st.PeerErrors.Load(), f.requests())
+	}
+}
+
+// countingListener counts the connections accepted.
+type countingListener struct {
+	net.Listener
+	n atomic.Int32
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
+}
+
+// A request that times out leaves its connection to its own requests: the
+// next request to that peer goes on a new one. A spare request goes on a
+// connection of its own.
+func TestClientConnections(t *testing.T) {
+	ca := testCA(t)
+	data := randomBytes(23, 4*hedgeChunk)
+	srv := NewServer("home", ServerOptions{})
+	release := make(chan struct{})
+	defer close(release)
+	if _, err := srv.Register(testKey, int64(len(data)), readerFunc(func(p []byte, off int64) error {
+		if off == 0 {
+			<-release // chunk 0 never comes in time
+		}
+		copy(p, data[off:])
+		return nil
+	})); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &countingListener{Listener: raw}
+	go srv.Serve(l, identity(t, ca, "home"))
+	defer srv.Close()
+	asker := ""
+	for i := 0; asker == "" && i < 1000; i++ { // a name the home outweighs for chunks 0-3
+		name := "asker" + strconv.Itoa(i)
+		ok := true
+		for c := range int64(4) {
+			ok = ok && Weight("home", testKey.ID, c) > Weight(name, testKey.ID, c)
+		}
+		if ok {
+			asker = name
+		}
+	}
+	cl := NewClient(identity(t, ca, asker), ClientOptions{Timeout: 300 * time.Millisecond})
+	defer cl.Close()
+	home := Peer{"home", raw.Addr().String()}
+	p := make([]byte, hedgeChunk)
+	if err := cl.Fetch(context.Background(), home, Request{testKey, hedgeChunk, 1}, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Fetch(context.Background(), home, Request{testKey, hedgeChunk, 0}, p); fetchOutcome(err) != OutcomeTimeout {
+		t.Fatalf("chunk 0: %v, want a timeout", err)
+	}
+	if err := cl.Fetch(context.Background(), home, Request{testKey, hedgeChunk, 2}, p); err != nil || !bytes.Equal(p, data[2*hedgeChunk:3*hedgeChunk]) {
+		t.Fatalf("chunk 2 after a timeout: %v", err)
+	}
+	if n := l.n.Load(); n != 2 {
+		t.Fatalf("%d connections after a timeout, want 2", n)
+	}
+	if err := cl.FetchWith(context.Background(), home, Request{testKey, hedgeChunk, 3}, p, FetchMode{Spare: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n := l.n.Load(); n != 3 {
+		t.Fatalf("%d connections with a spare request, want 3", n)
 	}
 }
