@@ -46,11 +46,38 @@ type daemonProc struct {
 
 func startDaemonProc(t *testing.T) *daemonProc {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "vmte-") // short: socket paths <= 107 bytes
+	dir := daemonTempDir(t, "vmte-")
+	return startDaemonIn(t, dir, daemonConfig{
+		// the tests' images are in the temp dir
+		defaults: "allowed_origin_dirs = " + dir + "\n",
+		cache:    "size_budget = 1G\n",
+	})
+}
+
+// daemonTempDir is a new directory for one daemon, removed when the test
+// ends; prefix keeps it short, as socket paths are at most 107 bytes.
+func daemonTempDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// daemonConfig is what a test adds to the config every daemonProc has
+// (its state, sockets and cache under its directory, debug logs).
+type daemonConfig struct {
+	defaults string // more [DEFAULT] lines
+	cache    string // more [cache] lines
+	sections string // more sections
+}
+
+// startDaemonIn writes the config into dir and starts the daemon on it;
+// the test's end stops it.
+func startDaemonIn(t *testing.T, dir string, c daemonConfig) *daemonProc {
+	t.Helper()
 	p := &daemonProc{t: t, dir: dir, conf: filepath.Join(dir, "vmthunder.conf"),
 		api: filepath.Join(dir, "run", "api.sock"), log: filepath.Join(dir, "daemon.log")}
 	conf := fmt.Sprintf(`[DEFAULT]
@@ -58,14 +85,14 @@ state_dir = %[1]s/state
 api_socket = %[1]s/run/api.sock
 nbd_socket_dir = %[1]s/run/nbd
 log_level = debug
-# the tests' images are in the temp dir
-allowed_origin_dirs = %[1]s
-
+%[2]s
 [cache]
 dir = %[1]s/cache
-size_budget = 1G
 chunk_size = 64K
-`, dir)
+%[3]s`, dir, c.defaults, c.cache)
+	if c.sections != "" {
+		conf += "\n" + c.sections
+	}
 	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}

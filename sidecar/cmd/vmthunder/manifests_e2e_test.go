@@ -41,48 +41,22 @@ func loopbackPort(t *testing.T) int {
 // its own gossip address.
 func peerTmplNode(t *testing.T, c *cinderCloud, host string, ca *pkitest.CA, name, join string) (*daemonProc, string) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "vmtm-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := daemonTempDir(t, "vmtm-")
 	caF, certF, keyF, err := ca.WriteFiles(dir, name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	gossip := fmt.Sprintf("127.0.0.1:%d", loopbackPort(t))
-	p := &daemonProc{t: t, dir: dir, conf: filepath.Join(dir, "vmthunder.conf"),
-		api: filepath.Join(dir, "run", "api.sock"), log: filepath.Join(dir, "daemon.log")}
-	conf := fmt.Sprintf(`[DEFAULT]
-state_dir = %[1]s/state
-api_socket = %[1]s/run/api.sock
-nbd_socket_dir = %[1]s/run/nbd
-log_level = debug
-
-[cache]
-dir = %[1]s/cache
-chunk_size = 64K
-
-[cinder]
-auth_strategy = noauth
-endpoint = %[2]s
-template_volume_type = %[3]s
-host = %[4]s
-
-[peers]
+	peersSection := fmt.Sprintf(`[peers]
 enabled = true
-bind = %[5]s
-listen = 127.0.0.1:%[6]d
-join = %[7]s
-ca_file = %[8]s
-cert_file = %[9]s
-key_file = %[10]s
-`, dir, c.Endpoint, c.TemplateVolumeType, host, gossip, loopbackPort(t), join, caF, certF, keyF)
-	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p.start()
-	t.Cleanup(p.stop)
+bind = %s
+listen = 127.0.0.1:%d
+join = %s
+ca_file = %s
+cert_file = %s
+key_file = %s
+`, gossip, loopbackPort(t), join, caF, certF, keyF)
+	p := startDaemonIn(t, dir, daemonConfig{sections: cinderSection(c, host) + "\n" + peersSection})
 	return p, gossip
 }
 

@@ -34,35 +34,17 @@ type cinderCloud = openstacktest.Cloud
 // tmplNode is a daemon process with a [cinder] section naming host.
 func tmplNode(t *testing.T, c *cinderCloud, host string) *daemonProc {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "vmtt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &daemonProc{t: t, dir: dir, conf: filepath.Join(dir, "vmthunder.conf"),
-		api: filepath.Join(dir, "run", "api.sock"), log: filepath.Join(dir, "daemon.log")}
-	conf := fmt.Sprintf(`[DEFAULT]
-state_dir = %[1]s/state
-api_socket = %[1]s/run/api.sock
-nbd_socket_dir = %[1]s/run/nbd
-log_level = debug
+	return startDaemonIn(t, daemonTempDir(t, "vmtt-"), daemonConfig{sections: cinderSection(c, host)})
+}
 
-[cache]
-dir = %[1]s/cache
-chunk_size = 64K
-
-[cinder]
+// cinderSection is the [cinder] section of a node named host on c.
+func cinderSection(c *cinderCloud, host string) string {
+	return fmt.Sprintf(`[cinder]
 auth_strategy = noauth
-endpoint = %[2]s
-template_volume_type = %[3]s
-host = %[4]s
-`, dir, c.Endpoint, c.TemplateVolumeType, host)
-	if err := os.WriteFile(p.conf, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p.start()
-	t.Cleanup(p.stop)
-	return p
+endpoint = %s
+template_volume_type = %s
+host = %s
+`, c.Endpoint, c.TemplateVolumeType, host)
 }
 
 func cinderClient(t *testing.T, conf string) *openstack.Client {
