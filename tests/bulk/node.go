@@ -8,14 +8,13 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/vmthunder/vmthunder/sidecar/api"
 	"github.com/vmthunder/vmthunder/sidecar/api/client"
+	"github.com/vmthunder/vmthunder/tests/e2e"
 )
 
 // ChunkSize is the nodes' [cache] chunk_size, and the manifest's.
@@ -33,10 +32,7 @@ type Daemon struct {
 	Name string
 	Dir  string
 	API  *client.Client
-	sock string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
+	proc *e2e.Daemon
 }
 
 // DaemonConfig is what differs between the nodes' daemons.
@@ -49,27 +45,9 @@ type DaemonConfig struct {
 // StartDaemon writes a config under dir and starts bin's daemon in the
 // host's namespace; it returns once the API answers.
 func StartDaemon(bin string, h *Host, name, dir string, c DaemonConfig) (*Daemon, error) {
-	for _, sub := range []string{"", "nbd", "cache", "state"} {
-		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
-			return nil, err
-		}
-		os.Chmod(filepath.Join(dir, sub), 0o755)
-	}
-	d := &Daemon{Host: h, Name: name, Dir: dir, sock: filepath.Join(dir, "api.sock"), log: filepath.Join(dir, "daemon.log")}
-	conf := fmt.Sprintf(`[DEFAULT]
-state_dir = %s
-api_socket = %s
-nbd_socket_dir = %s
-nbd_group = libvirt-qemu
-log_level = info
-
-[cache]
-dir = %s
-chunk_size = %d
-`, filepath.Join(dir, "state"), d.sock, filepath.Join(dir, "nbd"), filepath.Join(dir, "cache"), ChunkSize)
+	o := e2e.DaemonOptions{ChunkSize: strconv.Itoa(ChunkSize), Command: h.Exec, Env: c.Env}
 	if p := c.Peers; p != nil {
-		conf += fmt.Sprintf(`
-[peers]
+		o.Sections = fmt.Sprintf(`[peers]
 enabled = true
 bind = %s:7946
 listen = %s:7947
@@ -79,85 +57,28 @@ key_file = %s
 gossip_key_file = %s
 `, h.IP, h.IP, p.CA, p.Cert, p.Key, p.GossipKey)
 		if c.Join != "" {
-			conf += "join = " + c.Join + "\n"
+			o.Sections += "join = " + c.Join + "\n"
 		}
 	}
-	cf := filepath.Join(dir, "vmthunder.conf")
-	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
-		return nil, err
-	}
-	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	proc, err := e2e.StartDaemon(bin, dir, o)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	d.cmd = h.Exec(bin, "daemon", "--config", cf)
-	d.cmd.Env = append(os.Environ(), c.Env...)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := d.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, err
-	}
-	d.done = make(chan struct{})
-	go func() { d.cmd.Wait(); logf.Close(); close(d.done) }()
-	d.API = client.New(d.sock)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		select {
-		case <-d.done:
-			return nil, fmt.Errorf("%s: daemon exited at start; log:\n%s", name, d.LogTail(20))
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		hl, err := d.API.Health(ctx)
-		cancel()
-		if err == nil && hl.Status == "ok" {
-			return d, nil
-		}
-		if time.Now().After(deadline) {
-			d.Kill()
-			return nil, fmt.Errorf("%s: daemon not healthy after 60 s; log:\n%s", name, d.LogTail(20))
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return &Daemon{Host: h, Name: name, Dir: dir, API: client.New(proc.API), proc: proc}, nil
 }
 
 // LogTail is the end of the daemon's log.
-func (d *Daemon) LogTail(n int) string {
-	b, _ := os.ReadFile(d.log)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func (d *Daemon) LogTail(n int) string { return d.proc.LogTail(n) }
 
 // Log is the daemon's whole log.
-func (d *Daemon) Log() string { b, _ := os.ReadFile(d.log); return string(b) }
+func (d *Daemon) Log() string { return d.proc.Log() }
 
 // Kill ends the daemon at once (SIGKILL), as a crash would. `ip netns
 // exec` execs the daemon, so the process is the daemon itself.
-func (d *Daemon) Kill() {
-	if d.cmd != nil && d.cmd.Process != nil {
-		d.cmd.Process.Signal(syscall.SIGKILL)
-		<-d.done
-	}
-}
+func (d *Daemon) Kill() { d.proc.Kill() }
 
 // Stop asks the daemon to finish and waits up to 30 s, then kills it.
-func (d *Daemon) Stop() {
-	select {
-	case <-d.done:
-		return
-	default:
-	}
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(30 * time.Second):
-		d.Kill()
-	}
-}
+func (d *Daemon) Stop() { d.proc.Stop() }
 
 func (d *Daemon) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 60*time.Second)
@@ -240,7 +161,7 @@ func (d *Daemon) MetricBy(name, filter, label string) (map[string]float64, error
 func (d *Daemon) metricLines(name string) ([]string, error) {
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", d.sock)
+			return (&net.Dialer{}).DialContext(ctx, "unix", d.proc.API)
 		}}}
 	resp, err := hc.Get("http://vmthunder/metrics")
 	if err != nil {
@@ -264,7 +185,7 @@ func (d *Daemon) metricLines(name string) ([]string, error) {
 
 // CPUSeconds is the CPU time the daemon has used (user and system).
 func (d *Daemon) CPUSeconds() float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.proc.Pid()))
 	if err != nil {
 		return 0
 	}

@@ -1,23 +1,16 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"github.com/vmthunder/vmthunder/internal/testbin"
 )
 
 // Meter is a TCP proxy on loopback in front of an iSCSI portal. It counts
@@ -26,7 +19,8 @@ import (
 // trusting either side's counters.
 type Meter struct {
 	Addr   string // host:port initiators connect to
-	target string
+	dial   func() (net.Conn, error)
+	delay  time.Duration
 	l      net.Listener
 	down   atomic.Int64 // target -> initiator
 	up     atomic.Int64 // initiator -> target
@@ -42,9 +36,15 @@ func NewMeter(target string) (*Meter, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Meter{Addr: l.Addr().String(), target: target, l: l, open: map[net.Conn]bool{}}
+	return NewRelay(l, func() (net.Conn, error) { return net.Dial("tcp", target) }, 0), nil
+}
+
+// NewRelay is a meter on l that reaches the target with dial and holds
+// back what the target sends by delay (see DelayCopy).
+func NewRelay(l net.Listener, dial func() (net.Conn, error), delay time.Duration) *Meter {
+	m := &Meter{Addr: l.Addr().String(), dial: dial, delay: delay, l: l, open: map[net.Conn]bool{}}
 	go m.accept()
-	return m, nil
+	return m
 }
 
 // Port is the meter's TCP port.
@@ -59,7 +59,7 @@ func (m *Meter) accept() {
 		if err != nil {
 			return
 		}
-		t, err := net.Dial("tcp", m.target)
+		t, err := m.dial()
 		if err != nil {
 			c.Close()
 			continue
@@ -74,8 +74,8 @@ func (m *Meter) accept() {
 		m.open[c], m.open[t] = true, true
 		m.mu.Unlock()
 		m.wg.Add(2)
-		go m.pipe(t, c, &m.down)
-		go m.pipe(c, t, &m.up)
+		go m.pipe(t, c, m.delay, &m.down)
+		go m.pipe(c, t, 0, &m.up)
 	}
 }
 
@@ -90,9 +90,13 @@ func (c countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-func (m *Meter) pipe(from, to net.Conn, n *atomic.Int64) {
+func (m *Meter) pipe(from, to net.Conn, delay time.Duration, n *atomic.Int64) {
 	defer m.wg.Done()
-	io.Copy(countingWriter{to, n}, from)
+	if delay > 0 {
+		DelayCopy(to, from, delay, n)
+	} else {
+		io.Copy(countingWriter{to, n}, from)
+	}
 	// One side ended: end both, as the initiator or target would see it.
 	from.Close()
 	to.Close()
@@ -114,71 +118,21 @@ func (m *Meter) Close() {
 	m.wg.Wait()
 }
 
-// Origin is a tgtd target serving an image as LUN 1, behind a Meter. The
-// target is run by tgtup (package sidecar/internal/tgt, which tests
-// outside sidecar/ may not import) as a child process.
+// Origin is a tgtd target serving an image as LUN 1, behind a Meter.
 type Origin struct {
-	IQN    string
-	LUN    int
-	Portal string // the real portal, host:port
-	Meter  *Meter
-	File   string // the LUN's backing file
-
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	done  chan struct{}
+	*Target
+	Meter *Meter
 }
 
-// StartOrigin serves a sparse copy of image (so guests' write-through
-// writes never touch the original) from a private tgtd.
+// StartOrigin serves a sparse copy of image from a private tgtd.
 func StartOrigin(image, dir string) (*Origin, error) {
-	tgtup, err := testbin.Build("./sidecar/internal/tgt/tgtup")
+	t, err := StartTarget(image, dir, nil)
 	if err != nil {
 		return nil, err
 	}
-	file := filepath.Join(dir, "lun.img")
-	if out, err := exec.Command("cp", "--sparse=always", image, file).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("copy image for the LUN: %v: %s", err, out)
-	}
-	o := &Origin{File: file, done: make(chan struct{})}
-	o.cmd = exec.Command(tgtup, "-file", file, "-dir", dir, "-stdin")
-	o.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	var stderr bytes.Buffer
-	o.cmd.Stderr = &stderr
-	stdout, err := o.cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if o.stdin, err = o.cmd.StdinPipe(); err != nil {
-		return nil, err
-	}
-	if err := o.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start tgtup: %w", err)
-	}
-	go func() { o.cmd.Wait(); close(o.done) }()
-	vars := map[string]string{}
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), "=")
-		if !ok {
-			continue
-		}
-		vars[k] = strings.Trim(v, "'")
-		if k == "TGT_READY" {
-			break
-		}
-	}
-	if vars["TGT_READY"] != "1" {
-		o.stdin.Close()
-		<-o.done
-		return nil, fmt.Errorf("tgtup did not start a target: %s", stderr.String())
-	}
-	go io.Copy(io.Discard, stdout)
-	o.IQN = vars["TGT_IQN"]
-	o.LUN, _ = strconv.Atoi(vars["TGT_LUN"])
-	o.Portal = strings.Fields(vars["TGT_PORTALS"])[0]
-	if o.Meter, err = NewMeter(o.Portal); err != nil {
-		o.Stop()
+	o := &Origin{Target: t}
+	if o.Meter, err = NewMeter(t.Portal); err != nil {
+		t.Stop()
 		return nil, err
 	}
 	return o, nil
@@ -191,16 +145,8 @@ func (o *Origin) URL() string {
 
 // Stop stops the meter and the target.
 func (o *Origin) Stop() {
-	if o.Meter != nil {
-		o.Meter.Close()
-	}
-	o.stdin.Close()
-	select {
-	case <-o.done:
-	case <-time.After(15 * time.Second):
-		o.cmd.Process.Kill()
-		<-o.done
-	}
+	o.Meter.Close()
+	o.Target.Stop()
 }
 
 // qemuGID is the group QEMU runs in; sockets it must open are given to it.

@@ -43,6 +43,8 @@ type Daemon struct {
 	API     string // API socket
 	bin     string
 	config  string
+	command Command
+	env     []string
 	log     string
 	api     *client.Client
 	mu      sync.Mutex
@@ -53,7 +55,10 @@ type Daemon struct {
 
 // DaemonOptions configure a daemon.
 type DaemonOptions struct {
-	ChunkSize string // cache chunk size, e.g. "256K"; empty: the daemon's default
+	ChunkSize string   // cache chunk size, e.g. "256K"; empty: the daemon's default
+	Sections  string   // more config sections, after [cache] (e.g. [peers])
+	Command   Command  // runs the daemon (nil: exec.Command), e.g. in a network namespace
+	Env       []string // more environment for the daemon
 }
 
 // StartDaemon writes a config into dir and starts the daemon on it.
@@ -67,7 +72,8 @@ func StartDaemon(bin, dir string, o DaemonOptions) (*Daemon, error) {
 		}
 	}
 	d := &Daemon{Dir: dir, API: filepath.Join(dir, "api.sock"), bin: bin,
-		config: filepath.Join(dir, "vmthunder.conf"), log: filepath.Join(dir, "daemon.log")}
+		config: filepath.Join(dir, "vmthunder.conf"), log: filepath.Join(dir, "daemon.log"),
+		command: o.Command.orExec(), env: o.Env}
 	chunk := ""
 	if o.ChunkSize != "" {
 		chunk = "chunk_size = " + o.ChunkSize + "\n"
@@ -83,6 +89,9 @@ log_level = info
 [cache]
 dir = %s
 %s`, filepath.Join(dir, "state"), d.API, filepath.Join(dir, "nbd"), filepath.Join(dir, "cache"), chunk)
+	if o.Sections != "" {
+		conf += "\n" + o.Sections
+	}
 	if err := os.WriteFile(d.config, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
@@ -99,7 +108,10 @@ func (d *Daemon) Start() error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(d.bin, "daemon", "--config", d.config)
+	cmd := d.command(d.bin, "daemon", "--config", d.config)
+	if len(d.env) > 0 {
+		cmd.Env = append(os.Environ(), d.env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -134,6 +146,34 @@ func (d *Daemon) Start() error {
 func (d *Daemon) LogTail(n int) string {
 	b, _ := os.ReadFile(d.log)
 	return tail(string(b), n)
+}
+
+// Log is the daemon's whole log.
+func (d *Daemon) Log() string {
+	b, _ := os.ReadFile(d.log)
+	return string(b)
+}
+
+// Pid is the daemon's process id, 0 when it is not running.
+func (d *Daemon) Pid() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
+}
+
+// Kill ends the daemon at once (SIGKILL), as a crash would.
+func (d *Daemon) Kill() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil {
+		return
+	}
+	d.cmd.Process.Kill()
+	<-d.done
+	d.cmd = nil
 }
 
 // Stop stops the daemon with SIGTERM and waits for it.

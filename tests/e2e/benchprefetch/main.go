@@ -123,42 +123,10 @@ func newRelay(target string) (*relay, error) {
 				continue
 			}
 			go func() { io.Copy(t, c); t.Close(); c.Close() }()
-			go func() { delayCopy(c, t, &r.sent); c.Close(); t.Close() }()
+			go func() { e2e.DelayCopy(c, t, relayDelay, &r.sent); c.Close(); t.Close() }()
 		}
 	}()
 	return r, nil
-}
-
-// delayCopy copies from src to dst, each piece relayDelay after it was
-// read (a delay line: the rate is the link's, only the latency grows).
-func delayCopy(dst io.Writer, src io.Reader, n *atomic.Int64) {
-	type piece struct {
-		at time.Time
-		b  []byte
-	}
-	q := make(chan piece, 4096)
-	go func() {
-		defer close(q)
-		for {
-			buf := make([]byte, 64<<10)
-			k, err := src.Read(buf)
-			if k > 0 {
-				q <- piece{time.Now().Add(relayDelay), buf[:k]}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-	for p := range q {
-		time.Sleep(time.Until(p.at))
-		if _, err := dst.Write(p.b); err != nil {
-			for range q {
-			}
-			return
-		}
-		n.Add(int64(len(p.b)))
-	}
 }
 
 type bench struct {
