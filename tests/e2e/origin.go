@@ -59,24 +59,40 @@ func (m *Meter) accept() {
 		if err != nil {
 			return
 		}
-		t, err := m.dial()
-		if err != nil {
-			c.Close()
-			continue
-		}
+		// Dial per connection, not in this loop: a wave's initiators
+		// connect at once, and one slow dial must not hold the others'
+		// accepts (their logins time out).
 		m.mu.Lock()
 		if m.closed {
 			m.mu.Unlock()
 			c.Close()
-			t.Close()
 			return
 		}
-		m.open[c], m.open[t] = true, true
+		m.wg.Add(1) // under mu, so never after Close's Wait began
 		m.mu.Unlock()
-		m.wg.Add(2)
-		go m.pipe(t, c, m.delay, &m.down)
-		go m.pipe(c, t, 0, &m.up)
+		go m.connect(c)
 	}
+}
+
+func (m *Meter) connect(c net.Conn) {
+	defer m.wg.Done()
+	t, err := m.dial()
+	if err != nil {
+		c.Close()
+		return
+	}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		c.Close()
+		t.Close()
+		return
+	}
+	m.open[c], m.open[t] = true, true
+	m.mu.Unlock()
+	m.wg.Add(2)
+	go m.pipe(t, c, m.delay, &m.down)
+	go m.pipe(c, t, 0, &m.up)
 }
 
 type countingWriter struct {
