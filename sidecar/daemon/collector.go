@@ -47,6 +47,8 @@ var (
 	dPeerCorrupt      = desc("peer_corrupt_chunks_total", "Chunks from peers that failed verification against the base's manifest and were dropped.", "base")
 	dPeerBadManifests = desc("peer_corrupt_manifests_total", "Manifests from peers refused: not the root the template's Cinder metadata names, or malformed.", "base")
 	dPeerErrors       = desc("peer_errors_total", "Chunk requests to peers that failed (timeout, refused, error).", "base")
+	dPeerHedges       = desc("peer_hedges_total", "Chunk requests to peers asked again because the first was slow, by result (sent: hedges sent; won: chunks a hedge answered first; not_held: cached-only hedges the member could not answer).", "base", "result")
+	dPeerHedgeWaste   = desc("peer_hedge_waste_bytes_total", "Verified chunk bytes from peers that arrived after another request had answered the chunk.", "base")
 	dPeerMembers      = desc("peer_members", "Members of the peers cluster as this node sees it (this node included), by state (alive, suspect, dead, left; dead and left ones until forgotten).", "state")
 	// Per member: bounded by the cluster's size, since a member is dropped
 	// once membership forgets it (5 minutes after it died or left).
@@ -58,7 +60,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{dUp, dExports, dSourceBytes, dCacheReads, dFills, dWriteThrough, dInval,
 		dPresent, dBaseSize, dFillRatio, dDegraded, dDisk, dBudget, dBases, dCOW, dWarmDone, dWarmTotal, dWarmRunning,
 		dPrefetched, dPrefBytes, dPrefHits, dPrefWasted, dPrefSkipped, dRecording, dReplaying,
-		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerBadManifests, dPeerErrors, dPeerMembers, dPeerMemberBytes, dPeerFetch} {
+		dPeerBytes, dPeerServed, dPeerCorrupt, dPeerBadManifests, dPeerErrors, dPeerHedges, dPeerHedgeWaste, dPeerMembers, dPeerMemberBytes, dPeerFetch} {
 		ch <- d
 	}
 }
@@ -156,6 +158,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ctr(dPeerCorrupt, s.src.CorruptChunks.Load(), id)
 			ctr(dPeerBadManifests, s.corruptManifests.Load(), id)
 			ctr(dPeerErrors, s.src.PeerErrors.Load(), id)
+			ctr(dPeerHedges, s.src.Hedges.Load(), id, "sent")
+			ctr(dPeerHedges, s.src.HedgeWins.Load(), id, "won")
+			ctr(dPeerHedges, s.src.NotHeld.Load(), id, "not_held")
+			ctr(dPeerHedgeWaste, s.src.HedgeWasteBytes.Load(), id)
 		}
 		p.mu.Unlock()
 	}

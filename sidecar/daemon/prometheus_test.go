@@ -348,7 +348,10 @@ func TestDashboardPanelsReturnSeries(t *testing.T) {
 	// received; fetches were timed; 3 members alive.
 	// (Asked, in this order, until the scrapes after the wave's last byte
 	// are in.)
-	var fromPeers float64
+	// A hedged chunk's slower answer is verified and counted as read from
+	// peers too (and as waste): without the waste, origin and peers add up
+	// to the three copies exactly.
+	var fromPeers, waste float64
 	checks := []struct {
 		q  string
 		ok func([]sample) bool
@@ -357,8 +360,12 @@ func TestDashboardPanelsReturnSeries(t *testing.T) {
 			fromPeers = r[0].Value
 			return fromPeers > 0
 		}},
+		{`sum(vmthunder_peer_hedge_waste_bytes_total)`, func(r []sample) bool {
+			waste = r[0].Value
+			return waste >= 0 && waste < fromPeers
+		}},
 		{`sum(vmthunder_peer_read_bytes_total{source="origin",base="` + base + `"})`, func(r []sample) bool {
-			return r[0].Value >= size && r[0].Value < 3*size && r[0].Value+fromPeers == 3*size
+			return r[0].Value >= size && r[0].Value < 3*size && r[0].Value+fromPeers-waste == 3*size
 		}},
 		{`sum by (direction) (vmthunder_peer_member_bytes_total)`, func(r []sample) bool {
 			by := map[string]float64{}
