@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"bytes"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -152,4 +153,20 @@ func cluster(t testing.TB, ca *pkitest.CA, n int, data []byte, m *Manifest, co c
 		nd.src, nd.ref = src, ref
 	}
 	return nodes
+}
+
+// readChunk reads chunk c through the node's base and checks it against
+// data, the template's bytes; false (the error reported) when it fails.
+func (nd *node) readChunk(t testing.TB, m *Manifest, data []byte, c int64) bool {
+	off, n := m.Span(c)
+	p := make([]byte, n)
+	if _, err := nd.ref.ReadAt(p, off); err != nil {
+		t.Errorf("%s: chunk %d: %v", nd.name, c, err)
+		return false
+	}
+	if !bytes.Equal(p, data[off:off+n]) {
+		t.Errorf("%s: chunk %d: wrong bytes", nd.name, c)
+		return false
+	}
+	return true
 }

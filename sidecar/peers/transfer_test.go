@@ -38,14 +38,7 @@ func TestWaveEachChunkFromOriginOnce(t *testing.T) {
 				defer wg.Done()
 				r := rand.New(rand.NewPCG(uint64(i), uint64(w)))
 				for _, c := range r.Perm(chunks) {
-					off, n := m.Span(int64(c))
-					p := make([]byte, n)
-					if _, err := nd.ref.ReadAt(p, off); err != nil {
-						t.Errorf("%s: chunk %d: %v", nd.name, c, err)
-						return
-					}
-					if !bytes.Equal(p, data[off:off+n]) {
-						t.Errorf("%s: chunk %d: wrong bytes", nd.name, c)
+					if !nd.readChunk(t, m, data, int64(c)) {
 						return
 					}
 				}

@@ -1,7 +1,6 @@
 package peers
 
 import (
-	"bytes"
 	"sync"
 	"testing"
 	"time"
@@ -28,14 +27,7 @@ func TestHomeDiesMidWave(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for c := range int64(chunks) {
-				off, n := m.Span(c)
-				p := make([]byte, n)
-				if _, err := nd.ref.ReadAt(p, off); err != nil {
-					t.Errorf("%s: chunk %d: %v", nd.name, c, err)
-					return
-				}
-				if !bytes.Equal(p, data[off:off+n]) {
-					t.Errorf("%s: chunk %d: wrong bytes", nd.name, c)
+				if !nd.readChunk(t, m, data, c) {
 					return
 				}
 			}
